@@ -1,0 +1,22 @@
+# fedstream: `make demo` runs the federation on real local brokers; `make test` runs every test.
+PY := .venv/bin/python
+
+.PHONY: install demo test lint bench proto
+
+install:
+	@bash compose/install.sh
+
+demo: install
+	$(PY) -m global_aggregator.demo
+
+test: install
+	$(PY) -m pytest -p no:cacheprovider tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+proto: install
+	$(PY) -m grpc_tools.protoc -Ischemas --python_out=schemas --pyi_out=schemas schemas/fedstream.proto
+
+bench: install
+	$(PY) bench/codec.py --params 1000000 --json bench/results/codec.json
+	$(PY) bench/simulate.py --json bench/results/simulate.json
+	$(PY) bench/pipeline.py --json bench/results/pipeline.json
