@@ -1,0 +1,212 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KIND_UNSPECIFIED: _ClassVar[Kind]
+    MODEL_VERSION: _ClassVar[Kind]
+    UPDATE_CHUNK: _ClassVar[Kind]
+    PARTIAL_CHUNK: _ClassVar[Kind]
+    RECEIPT: _ClassVar[Kind]
+KIND_UNSPECIFIED: Kind
+MODEL_VERSION: Kind
+UPDATE_CHUNK: Kind
+PARTIAL_CHUNK: Kind
+RECEIPT: Kind
+
+class Envelope(_message.Message):
+    __slots__ = ("schema_version", "kind", "signer", "body", "signature")
+    SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    schema_version: int
+    kind: Kind
+    signer: str
+    body: bytes
+    signature: bytes
+    def __init__(self, schema_version: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., signer: _Optional[str] = ..., body: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class Header(_message.Message):
+    __slots__ = ("schema_version", "sender", "round", "model_version", "he_fingerprint", "chunk_index", "chunk_count")
+    SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    schema_version: int
+    sender: str
+    round: int
+    model_version: int
+    he_fingerprint: str
+    chunk_index: int
+    chunk_count: int
+    def __init__(self, schema_version: _Optional[int] = ..., sender: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., he_fingerprint: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
+
+class CodecSpec(_message.Message):
+    __slots__ = ("bits", "clip_l2", "clip_coord", "max_summands", "weight_cap", "encrypted", "chunk_bytes")
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_L2_FIELD_NUMBER: _ClassVar[int]
+    CLIP_COORD_FIELD_NUMBER: _ClassVar[int]
+    MAX_SUMMANDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_CAP_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTED_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    bits: int
+    clip_l2: float
+    clip_coord: float
+    max_summands: int
+    weight_cap: int
+    encrypted: bool
+    chunk_bytes: int
+    def __init__(self, bits: _Optional[int] = ..., clip_l2: _Optional[float] = ..., clip_coord: _Optional[float] = ..., max_summands: _Optional[int] = ..., weight_cap: _Optional[int] = ..., encrypted: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class TrainSpec(_message.Message):
+    __slots__ = ("optimizer", "lr", "epochs", "batch_size", "prox_mu")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PROX_MU_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    lr: float
+    epochs: int
+    batch_size: int
+    prox_mu: float
+    def __init__(self, optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., prox_mu: _Optional[float] = ...) -> None: ...
+
+class RoundTask(_message.Message):
+    __slots__ = ("round", "model_version", "codec", "train", "deadline_unix", "min_participants", "he_fingerprint", "seed", "selected_agents", "model_name", "task_name")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    MIN_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    HE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TASK_NAME_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    model_version: int
+    codec: CodecSpec
+    train: TrainSpec
+    deadline_unix: float
+    min_participants: int
+    he_fingerprint: str
+    seed: int
+    selected_agents: _containers.RepeatedScalarFieldContainer[str]
+    model_name: str
+    task_name: str
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., min_participants: _Optional[int] = ..., he_fingerprint: _Optional[str] = ..., seed: _Optional[int] = ..., selected_agents: _Optional[_Iterable[str]] = ..., model_name: _Optional[str] = ..., task_name: _Optional[str] = ...) -> None: ...
+
+class RegionParticipants(_message.Message):
+    __slots__ = ("region", "agents")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Provenance(_message.Message):
+    __slots__ = ("parent_version", "round", "participants", "metrics", "codec", "strategy", "created_unix")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    parent_version: int
+    round: int
+    participants: _containers.RepeatedCompositeFieldContainer[RegionParticipants]
+    metrics: _containers.ScalarMap[str, float]
+    codec: CodecSpec
+    strategy: str
+    created_unix: float
+    def __init__(self, parent_version: _Optional[int] = ..., round: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[RegionParticipants, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., strategy: _Optional[str] = ..., created_unix: _Optional[float] = ...) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("header", "model_name", "num_params", "params", "optimizer_state", "provenance", "next_task", "final")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TASK_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    model_name: str
+    num_params: int
+    params: bytes
+    optimizer_state: bytes
+    provenance: Provenance
+    next_task: RoundTask
+    final: bool
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., model_name: _Optional[str] = ..., num_params: _Optional[int] = ..., params: _Optional[bytes] = ..., optimizer_state: _Optional[bytes] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., next_task: _Optional[_Union[RoundTask, _Mapping]] = ..., final: _Optional[bool] = ...) -> None: ...
+
+class EvalSums(_message.Message):
+    __slots__ = ("loss_sum", "accuracy_sum", "count")
+    LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_SUM_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    loss_sum: float
+    accuracy_sum: float
+    count: float
+    def __init__(self, loss_sum: _Optional[float] = ..., accuracy_sum: _Optional[float] = ..., count: _Optional[float] = ...) -> None: ...
+
+class UpdateChunk(_message.Message):
+    __slots__ = ("header", "agent_id", "region", "payload", "eval")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    agent_id: str
+    region: str
+    payload: bytes
+    eval: EvalSums
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_id: _Optional[str] = ..., region: _Optional[str] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ...) -> None: ...
+
+class PartialChunk(_message.Message):
+    __slots__ = ("header", "region", "agents", "payload", "eval")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    region: str
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    payload: bytes
+    eval: EvalSums
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ...) -> None: ...
+
+class Receipt(_message.Message):
+    __slots__ = ("header", "region", "agents")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    region: str
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
