@@ -1,0 +1,812 @@
+"""No-Docker local broker stack: one Mosquitto per region and one single-node KRaft Kafka, on loopback.
+
+Library::
+
+    from compose.localstack import LocalStack
+    with LocalStack(["region-0", "region-1"]) as info:
+        info.mqtt["region-0"]        # ("127.0.0.1", port)
+        info.kafka_bootstrap         # "127.0.0.1:port"
+
+CLI::
+
+    python -m compose.localstack up --state PATH [--regions N]   # returns, brokers keep running
+    python -m compose.localstack status --state PATH
+    python -m compose.localstack down --state PATH
+
+Every process is started by this module and ended by pid (SIGTERM, then SIGKILL after a timeout);
+nothing is ever killed by name. Ports are free loopback ports picked at start and kept across
+restarts, so clients can reconnect to the same address after a fault-injected kill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+HOST = "127.0.0.1"
+MOSQUITTO_BIN = os.environ.get("FEDSTREAM_MOSQUITTO", shutil.which("mosquitto") or "/usr/sbin/mosquitto")
+KAFKA_VERSION = os.environ.get("KAFKA_VERSION", "4.1.1")
+KAFKA_LIBS = Path(
+    os.environ.get(
+        "FEDSTREAM_KAFKA_LIBS", str(Path.home() / ".cache" / "fedstream" / f"kafka-{KAFKA_VERSION}" / "libs")
+    )
+)
+JAVA_BIN = os.environ.get("FEDSTREAM_JAVA", shutil.which("java") or "java")
+
+# MQTT packets carry update chunks of about 1 MB; leave room for 2 MB payloads plus headers.
+MQTT_MAX_PACKET_SIZE = 2 * 1024 * 1024 + 64 * 1024
+# Kafka: partials / model versions are chunked to about 1 MB, allow up to 8 MB per record batch.
+KAFKA_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+DEFAULT_TOPICS: tuple[dict, ...] = (
+    {"name": "fedstream.partials", "partitions": 1},
+    {
+        "name": "fedstream.models",
+        "partitions": 1,
+        "config": {"cleanup.policy": "compact", "max.message.bytes": str(KAFKA_MAX_MESSAGE_BYTES)},
+    },
+)
+
+
+class StackError(RuntimeError):
+    """A broker did not start / become ready in time; the message carries the log tail."""
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers
+
+
+def free_port(host: str = HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return f"<no log: {exc}>"
+    return "\n".join(lines[-n:])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours still answers kill(0); reap it if it is ours
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(")")[-1].split()[0] == "Z":
+                return False
+    except OSError:
+        pass
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def terminate_pid(pid: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    """SIGTERM, wait up to `timeout`, then SIGKILL. Only ever called with pids we started."""
+    if proc is not None:
+        if proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        return
+    if not _pid_alive(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.05)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except Exception:
+        pass
+
+
+def _spawn(cmd: list[str], log: Path, *, detach: bool, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start a broker with stdout+stderr appended to `log`.
+
+    detach=False (library / pytest): the broker gets PR_SET_PDEATHSIG=SIGKILL so it cannot outlive
+    a test process that was itself killed -9. PDEATHSIG fires when the *thread* that forked exits,
+    so it is only set when spawning from the main thread.
+    detach=True (CLI `up`): own session, survives the CLI.
+    """
+    preexec = None
+    if not detach and threading.current_thread() is threading.main_thread():
+        preexec = _die_with_parent
+    logf = open(log, "ab")
+    try:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec,
+            env=dict(env) if env is not None else None,
+            close_fds=True,
+        )
+    finally:
+        logf.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# readiness probes
+
+
+def mqtt_ready(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True when the broker answers an MQTT CONNECT with a successful CONNACK (paho, v3.1.1)."""
+    import paho.mqtt.client as mqtt
+
+    ok = threading.Event()
+
+    def on_connect(client, userdata, flags, reason_code, properties=None):
+        if not reason_code.is_failure:
+            ok.set()
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}", clean_session=True)
+    c.on_connect = on_connect
+    try:
+        c.connect(host, port, keepalive=10)
+    except OSError:
+        return False
+    deadline = time.monotonic() + timeout
+    try:
+        while not ok.is_set() and time.monotonic() < deadline:
+            if c.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                return False
+        return ok.is_set()
+    finally:
+        try:
+            c.disconnect()
+        except Exception:
+            pass
+
+
+def _tcp_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+async def _kafka_ready_async(bootstrap: str, timeout: float) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(max(timeout, 1) * 1000))
+    await asyncio.wait_for(admin.start(), timeout)
+    try:
+        await asyncio.wait_for(admin.describe_cluster(), timeout)
+    finally:
+        await admin.close()
+
+
+def kafka_ready(bootstrap: str, timeout: float = 3.0) -> bool:
+    host, port = bootstrap.rsplit(":", 1)
+    if not _tcp_open(host, int(port)):
+        return False
+    try:
+        _run_async(_kafka_ready_async(bootstrap, timeout))
+        return True
+    except Exception:
+        return False
+
+
+def _run_async(coro):
+    """asyncio.run that also works when called from inside a running loop (runs in a thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict = {}
+
+    def runner():
+        try:
+            box["v"] = asyncio.run(coro)
+        except BaseException as exc:  # noqa: BLE001
+            box["e"] = exc
+
+    t = threading.Thread(target=runner)
+    t.start()
+    t.join()
+    if "e" in box:
+        raise box["e"]
+    return box.get("v")
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration files
+
+
+def mosquitto_conf(port: int, persistence_dir: Path, log_file: Path | None = None) -> str:
+    user = os.environ.get("USER") or __import__("pwd").getpwuid(os.getuid()).pw_name
+    return f"""# generated by compose/localstack.py -- loopback only, anonymous, persistent
+per_listener_settings false
+listener {port} {HOST}
+allow_anonymous true
+# run as whoever started us (Mosquitto would otherwise switch from root to user 'mosquitto')
+user {user}
+
+# Persistence: sessions, subscriptions and queued/in-flight QoS1 messages go to mosquitto.db.
+# Mosquitto 2.0 only writes the db on autosave and at clean shutdown; with autosave_on_changes
+# and autosave_interval 1 it rewrites the whole db after every change (written to .new + rename,
+# so a kill -9 during a save leaves the previous db intact). See compose/README.md (limits).
+persistence true
+persistence_location {persistence_dir}/
+persistence_file mosquitto.db
+autosave_on_changes true
+autosave_interval 1
+# never expire offline persistent sessions (unset = never)
+# persistent_client_expiration <unset>
+
+# Manual-ack subscribers: every unacked QoS1 message stays in flight and is redelivered with the
+# dup flag on reconnect. 0 = unlimited in flight / queued.
+max_inflight_messages 0
+max_inflight_bytes 0
+max_queued_messages 0
+max_queued_bytes 0
+queue_qos0_messages false
+retain_available true
+# ~2 MB payloads (update chunks are ~1 MB)
+max_packet_size {MQTT_MAX_PACKET_SIZE}
+set_tcp_nodelay true
+max_keepalive 65535
+
+log_dest stdout
+log_type error
+log_type warning
+log_type notice
+log_type information
+connection_messages true
+log_timestamp true
+"""
+
+
+def kafka_properties(node_id: int, broker_port: int, controller_port: int, log_dir: Path) -> str:
+    return f"""# generated by compose/localstack.py -- single-node KRaft, loopback, plaintext
+process.roles=broker,controller
+node.id={node_id}
+controller.quorum.voters={node_id}@{HOST}:{controller_port}
+listeners=PLAINTEXT://{HOST}:{broker_port},CONTROLLER://{HOST}:{controller_port}
+advertised.listeners=PLAINTEXT://{HOST}:{broker_port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={log_dir}
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+message.max.bytes={KAFKA_MAX_MESSAGE_BYTES}
+replica.fetch.max.bytes={KAFKA_MAX_MESSAGE_BYTES}
+socket.request.max.bytes=104857600
+auto.create.topics.enable=true
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+log.retention.hours=168
+log.cleaner.backoff.ms=1000
+log.segment.bytes=67108864
+"""
+
+
+KAFKA_LOG4J2 = """status = error
+name = fedstream-local-kafka
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.target = SYSTEM_OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.out.ref = OUT
+logger.server.name = kafka.server.KafkaRaftServer
+logger.server.level = INFO
+logger.broker.name = kafka.server.BrokerServer
+logger.broker.level = INFO
+"""
+
+
+def random_cluster_id() -> str:
+    # Kafka's Uuid.toString: url-safe base64 of 16 bytes, no padding; avoid a leading '-'
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
+
+
+# ----------------------------------------------------------------------------------------------
+# stack
+
+
+@dataclass
+class StackInfo:
+    mqtt: dict[str, tuple[str, int]]
+    kafka_bootstrap: str | None
+    workdir: Path
+    pids: dict[str, int] = field(default_factory=dict)  # "mosquitto:<region>" / "kafka" -> pid
+    kafka_controller_port: int | None = None
+    cluster_id: str | None = None
+
+    def mqtt_url(self, region: str) -> str:
+        host, port = self.mqtt[region]
+        return f"mqtt://{host}:{port}"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["workdir"] = str(self.workdir)
+        d["mqtt"] = {r: [h, p] for r, (h, p) in self.mqtt.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "StackInfo":
+        return cls(
+            mqtt={r: (h, int(p)) for r, (h, p) in d["mqtt"].items()},
+            kafka_bootstrap=d.get("kafka_bootstrap"),
+            workdir=Path(d["workdir"]),
+            pids={k: int(v) for k, v in d.get("pids", {}).items()},
+            kafka_controller_port=d.get("kafka_controller_port"),
+            cluster_id=d.get("cluster_id"),
+        )
+
+
+class LocalStack:
+    """Start/stop the local brokers. Use as a context manager (returns StackInfo) or call start()/stop().
+
+    regions: one Mosquitto per region (may be empty); kafka: start the single-node KRaft Kafka.
+    workdir: where configs, logs and data live; a temp dir (removed on stop) when None.
+    """
+
+    def __init__(
+        self,
+        regions: Iterable[str] = ("region-0", "region-1"),
+        workdir: Path | str | None = None,
+        *,
+        kafka: bool = True,
+        detach: bool = False,
+        mqtt_timeout: float = 10.0,
+        kafka_timeout: float = 90.0,
+        kafka_heap: str = "512m",
+    ) -> None:
+        self.regions = list(regions)
+        self.with_kafka = kafka
+        self.detach = detach
+        self.mqtt_timeout = mqtt_timeout
+        self.kafka_timeout = kafka_timeout
+        self.kafka_heap = kafka_heap
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else None
+        self._procs: dict[str, subprocess.Popen] = {}
+        self.info: StackInfo | None = None
+        self.timings: dict[str, float] = {}
+
+    # -- convenience views on the running stack ------------------------------------------------
+
+    @property
+    def mqtt(self) -> dict[str, tuple[str, int]]:
+        return self._require().mqtt
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        b = self._require().kafka_bootstrap
+        if b is None:
+            raise StackError("this stack was started without Kafka")
+        return b
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return self._require().pids
+
+    def _require(self) -> StackInfo:
+        if self.info is None:
+            raise StackError("stack is not running (call start() or use it as a context manager)")
+        return self.info
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def __enter__(self) -> StackInfo:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> StackInfo:
+        if self.info is not None:
+            return self.info
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="fedstream-stack-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.info = StackInfo(mqtt={}, kafka_bootstrap=None, workdir=self.workdir)
+        try:
+            for region in self.regions:
+                self.info.mqtt[region] = (HOST, free_port())
+            if self.with_kafka:
+                bport, cport = free_port(), free_port()
+                while cport == bport:
+                    cport = free_port()
+                self.info.kafka_bootstrap = f"{HOST}:{bport}"
+                self.info.kafka_controller_port = cport
+                self.info.cluster_id = random_cluster_id()
+                self._write_kafka_config()
+                t0 = time.monotonic()
+                self._format_kafka()
+                self.timings["kafka_format"] = time.monotonic() - t0
+                self._spawn_kafka()  # start the JVM first; Mosquitto comes up while it boots
+            t0 = time.monotonic()
+            for region in self.regions:
+                self._spawn_mosquitto(region)
+            for region in self.regions:
+                self._wait_mosquitto(region)
+            self.timings["mosquitto_start"] = time.monotonic() - t0
+            if self.with_kafka:
+                self._wait_kafka()
+                self.timings["kafka_start"] = time.monotonic() - self._kafka_t0
+        except BaseException:
+            self.stop()
+            raise
+        return self.info
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """End exactly the processes this stack started (by pid), then remove a temp workdir."""
+        if self.info is None:
+            return
+        for name in list(self.info.pids):
+            self._terminate(name, timeout)
+        self.info.pids.clear()
+        if self._own_workdir and self.workdir is not None and not self.detach:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.info = None
+
+    # -- mosquitto -----------------------------------------------------------------------------
+
+    def _mosq_paths(self, region: str) -> tuple[Path, Path, Path]:
+        d = self.workdir / "mosquitto" / region
+        return d / "mosquitto.conf", d / "data", d / "mosquitto.log"
+
+    def _spawn_mosquitto(self, region: str) -> None:
+        conf, data, log = self._mosq_paths(region)
+        data.mkdir(parents=True, exist_ok=True)
+        port = self.info.mqtt[region][1]
+        conf.write_text(mosquitto_conf(port, data))
+        proc = _spawn([MOSQUITTO_BIN, "-c", str(conf)], log, detach=self.detach)
+        self._procs[f"mosquitto:{region}"] = proc
+        self.info.pids[f"mosquitto:{region}"] = proc.pid
+
+    def _wait_mosquitto(self, region: str) -> None:
+        host, port = self.info.mqtt[region]
+        name = f"mosquitto:{region}"
+        proc = self._procs[name]
+        deadline = time.monotonic() + self.mqtt_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if _tcp_open(host, port) and mqtt_ready(host, port):
+                return
+            time.sleep(0.02)
+        _, _, log = self._mosq_paths(region)
+        state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready after {self.mqtt_timeout}s"
+        raise StackError(f"Mosquitto for {region} on {host}:{port} {state}; log tail ({log}):\n{_tail(log)}")
+
+    def kill_mosquitto(self, region: str, sig: int = signal.SIGKILL) -> None:
+        name = f"mosquitto:{region}"
+        proc = self._procs[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+                proc.wait(15)
+
+    def restart_mosquitto(self, region: str, sig: int | None = None) -> None:
+        """(Optionally kill with `sig` first, then) start again: same port, same persistence db."""
+        name = f"mosquitto:{region}"
+        if sig is not None:
+            self.kill_mosquitto(region, sig)
+        if self._procs[name].poll() is None:
+            self._terminate(name)
+        t0 = time.monotonic()
+        self._spawn_mosquitto(region)
+        self._wait_mosquitto(region)
+        self.timings[f"mosquitto_restart:{region}"] = time.monotonic() - t0
+
+    # -- kafka ---------------------------------------------------------------------------------
+
+    @property
+    def _kafka_dir(self) -> Path:
+        return self.workdir / "kafka"
+
+    def _write_kafka_config(self) -> None:
+        d = self._kafka_dir
+        (d / "data").mkdir(parents=True, exist_ok=True)
+        bport = int(self.info.kafka_bootstrap.rsplit(":", 1)[1])
+        (d / "server.properties").write_text(
+            kafka_properties(1, bport, self.info.kafka_controller_port, d / "data")
+        )
+        (d / "log4j2.properties").write_text(KAFKA_LOG4J2)
+
+    def _java_cmd(self, main: str, *args: str, heap: str = "512m") -> list[str]:
+        if not (KAFKA_LIBS / f"kafka_2.13-{KAFKA_VERSION}.jar").exists():
+            raise StackError(f"Kafka jars not found in {KAFKA_LIBS}; run compose/install.sh")
+        return [
+            JAVA_BIN,
+            f"-Xmx{heap}",
+            "-Xms64m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self._kafka_dir / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self._kafka_dir / 'logs'}",
+            "-cp",
+            str(KAFKA_LIBS / "*"),
+            main,
+            *args,
+        ]
+
+    def _format_kafka(self) -> None:
+        log = self._kafka_dir / "format.log"
+        cmd = self._java_cmd(
+            "kafka.tools.StorageTool",
+            "format",
+            "--ignore-formatted",
+            "-t",
+            self.info.cluster_id,
+            "-c",
+            str(self._kafka_dir / "server.properties"),
+            heap="256m",
+        )
+        with open(log, "ab") as f:
+            r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
+        if r.returncode != 0:
+            raise StackError(f"kafka StorageTool format failed ({r.returncode}); log tail ({log}):\n{_tail(log)}")
+
+    def _spawn_kafka(self) -> None:
+        self._kafka_t0 = time.monotonic()
+        cmd = self._java_cmd("kafka.Kafka", str(self._kafka_dir / "server.properties"), heap=self.kafka_heap)
+        proc = _spawn(cmd, self._kafka_dir / "kafka.log", detach=self.detach)
+        self._procs["kafka"] = proc
+        self.info.pids["kafka"] = proc.pid
+
+    def _wait_kafka(self) -> None:
+        proc = self._procs["kafka"]
+        deadline = time.monotonic() + self.kafka_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if kafka_ready(self.info.kafka_bootstrap, timeout=min(5.0, max(0.5, deadline - time.monotonic()))):
+                return
+            time.sleep(0.1)
+        log = self._kafka_dir / "kafka.log"
+        state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready after {self.kafka_timeout}s"
+        raise StackError(f"Kafka on {self.info.kafka_bootstrap} {state}; log tail ({log}):\n{_tail(log)}")
+
+    def kill_kafka(self, sig: int = signal.SIGKILL) -> None:
+        proc = self._procs["kafka"]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+                proc.wait(60)
+
+    def restart_kafka(self, sig: int | None = None) -> None:
+        """(Optionally kill with `sig` first, then) start again: same ports, same cluster id and data."""
+        if sig is not None:
+            self.kill_kafka(sig)
+        if self._procs["kafka"].poll() is None:
+            self._terminate("kafka", 60)
+        self._spawn_kafka()
+        self._wait_kafka()
+        self.timings["kafka_restart"] = time.monotonic() - self._kafka_t0
+
+    def create_topics(self, specs: Iterable[Mapping] = DEFAULT_TOPICS, timeout: float = 30.0) -> list[str]:
+        """Create topics (idempotent). spec: {"name", "partitions"=1, "replication"=1, "config"={}}."""
+        if self.info is None or not self.info.kafka_bootstrap:
+            raise StackError("Kafka is not running in this stack")
+        return create_topics(self.info.kafka_bootstrap, specs, timeout=timeout)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _terminate(self, name: str, timeout: float = 15.0) -> None:
+        proc = self._procs.get(name)
+        if proc is not None:
+            terminate_pid(proc.pid, timeout, proc=proc)
+        elif self.info is not None and name in self.info.pids:
+            terminate_pid(self.info.pids[name], timeout)
+
+
+def create_topics(bootstrap: str, specs: Iterable[Mapping] = DEFAULT_TOPICS, timeout: float = 30.0) -> list[str]:
+    """Create topics on `bootstrap` with aiokafka's admin client; existing topics are left alone."""
+    specs = list(specs)
+
+    async def go() -> list[str]:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            new = [
+                NewTopic(
+                    name=s["name"],
+                    num_partitions=int(s.get("partitions", 1)),
+                    replication_factor=int(s.get("replication", 1)),
+                    topic_configs=dict(s.get("config", {})),
+                )
+                for s in specs
+                if s["name"] not in existing
+            ]
+            if new:
+                resp = await admin.create_topics(new, timeout_ms=int(timeout * 1000))
+                for name, code, *rest in getattr(resp, "topic_errors", []) or []:
+                    if code not in (0, 36):  # 36 = TOPIC_ALREADY_EXISTS
+                        raise StackError(f"create topic {name}: error {code} {rest}")
+            # wait until metadata shows every topic with a leader
+            names = [s["name"] for s in specs]
+            deadline = time.monotonic() + timeout
+            while True:
+                meta = await admin.describe_topics(names)
+                if all(t.get("error_code", 0) == 0 and t.get("partitions") and
+                       all(p.get("leader", -1) >= 0 for p in t["partitions"]) for t in meta):
+                    return [n.name for n in new]
+                if time.monotonic() > deadline:
+                    raise StackError(f"topics not ready: {meta}")
+                await asyncio.sleep(0.1)
+        finally:
+            await admin.close()
+
+    return _run_async(go())
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _read_state(path: Path) -> StackInfo:
+    return StackInfo.from_json(json.loads(path.read_text()))
+
+
+def _cmd_up(args) -> int:
+    state = Path(args.state)
+    if state.exists():
+        info = _read_state(state)
+        if any(_pid_alive(p) for p in info.pids.values()):
+            print(f"stack already running (state {state}); run `down` first", file=sys.stderr)
+            return 1
+    regions = [f"region-{i}" for i in range(args.regions)]
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fedstream-stack-"))
+    stack = LocalStack(regions, workdir, kafka=not args.no_kafka, detach=True)
+    info = stack.start()
+    if not args.no_topics and info.kafka_bootstrap:
+        stack.create_topics()
+    data = info.to_json()
+    data["own_workdir"] = not args.workdir
+    data["timings"] = stack.timings
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps(data, indent=2))
+    print(json.dumps(data, indent=2))
+    return 0
+
+
+def _cmd_down(args) -> int:
+    state = Path(args.state)
+    if not state.exists():
+        print(f"no state file {state}", file=sys.stderr)
+        return 1
+    data = json.loads(state.read_text())
+    info = StackInfo.from_json(data)
+    for name, pid in info.pids.items():
+        # only end a pid that still runs the binary we started (pids can be reused)
+        cmd = _cmdline(pid)
+        wanted = str(info.workdir)
+        if _pid_alive(pid) and wanted in cmd:
+            terminate_pid(pid, timeout=30)
+            print(f"stopped {name} (pid {pid})")
+        else:
+            print(f"{name} (pid {pid}) not running")
+    if data.get("own_workdir") and not args.keep_data:
+        shutil.rmtree(info.workdir, ignore_errors=True)
+    state.unlink()
+    return 0
+
+
+def _cmd_status(args) -> int:
+    state = Path(args.state)
+    if not state.exists():
+        print(f"no state file {state}: stack is down")
+        return 3
+    info = _read_state(state)
+    ok = True
+    for region, (host, port) in info.mqtt.items():
+        pid = info.pids.get(f"mosquitto:{region}")
+        up = pid is not None and _pid_alive(pid) and mqtt_ready(host, port)
+        ok &= up
+        print(f"mosquitto {region:<12} {host}:{port:<6} pid {pid:<8} {'up' if up else 'DOWN'}")
+    if info.kafka_bootstrap:
+        pid = info.pids.get("kafka")
+        up = pid is not None and _pid_alive(pid) and kafka_ready(info.kafka_bootstrap)
+        ok &= up
+        print(f"kafka     {'':<12} {info.kafka_bootstrap:<16} pid {pid:<8} {'up' if up else 'DOWN'}")
+    print(f"workdir   {info.workdir}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    default_state = os.environ.get("FEDSTREAM_STACK_STATE", str(Path(tempfile.gettempdir()) / "fedstream-stack.json"))
+    p = argparse.ArgumentParser(prog="python -m compose.localstack", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start brokers in the background, write the state file")
+    up.add_argument("--state", default=default_state)
+    up.add_argument("--regions", type=int, default=3)
+    up.add_argument("--workdir", default=None, help="data dir (kept on down); default: a temp dir")
+    up.add_argument("--no-kafka", action="store_true")
+    up.add_argument("--no-topics", action="store_true", help="don't create fedstream.partials/models")
+    down = sub.add_parser("down", help="stop what `up` started (by pid)")
+    down.add_argument("--state", default=default_state)
+    down.add_argument("--keep-data", action="store_true")
+    st = sub.add_parser("status", help="show ports/pids and probe the brokers")
+    st.add_argument("--state", default=default_state)
+    args = p.parse_args(argv)
+    return {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
