@@ -1,0 +1,82 @@
+"""Shared fixtures. Brokers start lazily: only a test that requests `stack` / `stack_factory`
+(mark it @pytest.mark.network) starts Mosquitto/Kafka; unit tests never do.
+
+- stack          session-scoped LocalStack (regions "region-0", "region-1" + one KRaft Kafka),
+                 started on first use, stopped at the end of the session. Don't kill it: use
+                 stack_factory for fault injection.
+- stack_factory  function-scoped: make(regions=("region-0",), kafka=True, **kw) -> started LocalStack
+                 of your own (kill/restart freely); all are stopped at teardown.
+- topic_prefix   function-scoped unique, Kafka- and MQTT-safe name prefix, e.g. "t-test-foo-1a2b3c4d".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+DEFAULT_REGIONS = ("region-0", "region-1")
+
+
+def _brokers_available() -> str | None:
+    """None when the local brokers can be started here, else the reason they cannot."""
+    from compose import localstack as ls
+
+    if not (shutil.which(ls.MOSQUITTO_BIN) or Path(ls.MOSQUITTO_BIN).exists()):
+        return f"mosquitto not found ({ls.MOSQUITTO_BIN}); run compose/install.sh"
+    if not (ls.KAFKA_LIBS / f"kafka_2.13-{ls.KAFKA_VERSION}.jar").exists():
+        return f"Kafka {ls.KAFKA_VERSION} jars not found in {ls.KAFKA_LIBS}; run compose/install.sh"
+    if not shutil.which(ls.JAVA_BIN):
+        return "java not found"
+    return None
+
+
+def _require_brokers() -> None:
+    reason = _brokers_available()
+    if reason:
+        if os.environ.get("FEDSTREAM_REQUIRE_BROKERS"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def stack():
+    _require_brokers()
+    from compose.localstack import LocalStack
+
+    s = LocalStack(list(DEFAULT_REGIONS))
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def stack_factory():
+    _require_brokers()
+    from compose.localstack import LocalStack
+
+    made: list[LocalStack] = []
+
+    def make(regions=("region-0",), kafka: bool = True, **kw) -> LocalStack:
+        s = LocalStack(list(regions), kafka=kafka, **kw)
+        made.append(s)
+        s.start()
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in reversed(made):
+            s.stop()
+
+
+@pytest.fixture
+def topic_prefix(request) -> str:
+    name = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")[:60]
+    return f"t-{name}-{uuid.uuid4().hex[:8]}"
