@@ -1,0 +1,289 @@
+"""In-process federated simulation through the real codec, regional sums and global round.
+
+:func:`simulate` runs the whole round of the architecture without brokers: every sampled agent
+trains locally (:func:`edge_agent.train.train_local`), encodes its delta with the real
+:class:`schemas.codec.Codec` (clip, quantize, pack, CKKS-encrypt when ``encrypted``), the chunks go
+through one real :class:`regional_aggregator.summing.RegionalSum` per region, the partials through
+the real :class:`global_aggregator.combine.GlobalRound` (one decryption of the total), and the
+server optimizer steps (:func:`global_aggregator.strategies.server_step`). The distributed
+services call the same functions with the same seeds, so their model versions can be compared
+with the simulation's bit for bit.
+
+Conventions shared with the services:
+
+* agents ``agent-000`` .. ``agent-{N-1:03d}``, regions ``region-0`` .. (contiguous blocks,
+  :func:`edge_agent.partition.assign_regions`);
+* round ``r`` (1-based) trains on model version ``r - 1`` and produces version ``r``;
+* quantization seed ``update_seed(seed, r, agent_id)``; local training seed
+  ``local_seed(seed, r, agent_id)``; the initial model is ``init_params(..., seed)``.
+
+``float_mode`` replaces the codec by exact float32 averaging weighted by raw sample counts (no
+clipping, no quantization, no cap): the reference the quantized/encrypted runs are measured against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge_agent.data import TASKS, agent_dataset, server_test_set
+from edge_agent.models import ModelSpec, init_params
+from edge_agent.partition import assign_regions
+from edge_agent.train import LocalTrainConfig, evaluate, local_seed, train_local
+from global_aggregator.combine import GlobalRound
+from global_aggregator.strategies import init_state, make_server_optimizer, server_step
+from regional_aggregator.summing import RegionalSum
+
+if TYPE_CHECKING:
+    from schemas.codec import CodecParams
+
+
+def agent_id(index: int) -> str:
+    return f"agent-{index:03d}"
+
+
+def region_id(index: int) -> str:
+    return f"region-{index}"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Every knob of a simulation; defaults are the digits benchmark's.
+
+    Args:
+        task: ``"digits"`` or ``"telemetry"``.
+        model: model name (:data:`edge_agent.models.MODELS`); ``None`` = the task's default.
+        num_agents, num_regions, rounds: fleet size and length of the run.
+        partition, alpha: partitioner (``iid``/``dirichlet``/``quantity``) and its concentration.
+        seed: the one base seed (data split, partition, init, sampling, dropout, training, codec).
+        encrypted: CKKS-encrypt updates (else the codec's plaintext int64 mode).
+        float_mode: exact float32 weighted averaging, no codec at all (the reference).
+        bits, clip_l2, clip_coord, max_summands, weight_cap, chunk_bytes: codec parameters.
+        local: local training configuration.
+        strategy, server_lr, server_momentum, b1, b2, tau: server optimizer.
+        clients_per_round: fraction of agents sampled each round (seeded).
+        dropout: probability that a sampled agent never delivers its update (seeded).
+        federated_eval: also evaluate every agent's local test shard each round.
+    """
+
+    task: str = "digits"
+    model: str | None = None
+    num_agents: int = 20
+    num_regions: int = 4
+    rounds: int = 25
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    seed: int = 0
+    encrypted: bool = True
+    float_mode: bool = False
+    bits: int = 8
+    clip_l2: float = 2.0
+    clip_coord: float = 0.1
+    max_summands: int = 64
+    weight_cap: int = 1024
+    chunk_bytes: int = 1 << 20
+    local: LocalTrainConfig = field(
+        default_factory=lambda: LocalTrainConfig(
+            optimizer="momentum", lr=0.05, epochs=2, batch_size=16
+        )
+    )
+    strategy: str = "fedavg"
+    server_lr: float | None = None
+    server_momentum: float = 0.9
+    b1: float = 0.9
+    b2: float = 0.99
+    tau: float = 1e-3
+    clients_per_round: float = 1.0
+    dropout: float = 0.0
+    federated_eval: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {sorted(TASKS)}")
+        if not 0 < self.clients_per_round <= 1:
+            raise ValueError(f"clients_per_round must be in (0, 1], got {self.clients_per_round}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.rounds < 1 or self.num_agents < 1:
+            raise ValueError("rounds and num_agents must be >= 1")
+        if self.num_agents > self.max_summands and not self.float_mode:
+            raise ValueError(f"{self.num_agents} agents exceed max_summands={self.max_summands}")
+
+    @property
+    def model_name(self) -> str:
+        return self.model or TASKS[self.task].default_model
+
+    def codec_params(self) -> CodecParams:
+        from schemas.codec import CodecParams
+
+        return CodecParams(
+            bits=self.bits,
+            clip_l2=self.clip_l2,
+            clip_coord=self.clip_coord,
+            max_summands=self.max_summands,
+            weight_cap=self.weight_cap,
+            encrypted=self.encrypted,
+            chunk_bytes=self.chunk_bytes,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SimResult:
+    """Per-round history and the final flat parameters (float32)."""
+
+    history: list[dict[str, Any]]
+    final_params: np.ndarray
+    spec: ModelSpec
+
+
+def sample_round(cfg: SimConfig, round_id: int) -> tuple[list[int], list[int]]:
+    """``(sampled agent indices, those that deliver)`` of a round; seeded, sorted."""
+    rng = np.random.default_rng([cfg.seed, round_id, 0x5A])
+    m = max(1, int(round(cfg.clients_per_round * cfg.num_agents)))
+    sampled = sorted(rng.choice(cfg.num_agents, size=m, replace=False).tolist())
+    keep = rng.random(len(sampled)) >= cfg.dropout
+    return sampled, [a for a, k in zip(sampled, keep, strict=True) if k]
+
+
+def initial_model(cfg: SimConfig) -> tuple[np.ndarray, ModelSpec]:
+    info = TASKS[cfg.task]
+    return init_params(cfg.model_name, info.input_shape, info.num_classes, cfg.seed)
+
+
+def _float_average(deltas: list[np.ndarray], counts: list[int]) -> np.ndarray:
+    acc = np.zeros_like(deltas[0], dtype=np.float64)
+    for d, n in zip(deltas, counts, strict=True):
+        acc += float(n) * d.astype(np.float64)
+    return (acc / float(sum(counts))).astype(np.float32)
+
+
+def simulate(
+    cfg: SimConfig,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    keys: tuple[bytes, bytes] | None = None,
+) -> SimResult:
+    """Run ``cfg.rounds`` federated rounds; call ``progress(entry)`` after each.
+
+    Args:
+        cfg: the simulation settings.
+        progress: called with each round's history entry.
+        keys: ``(secret_bytes, public_bytes)`` HE keys for encrypted runs; generated if ``None``.
+            Keys only change ciphertexts, never the decrypted sums, so results do not depend on them.
+    """
+    params, spec = initial_model(cfg)
+    opt = make_server_optimizer(
+        cfg.strategy, lr=cfg.server_lr, momentum=cfg.server_momentum, b1=cfg.b1, b2=cfg.b2,
+        tau=cfg.tau,
+    )
+    opt_state = init_state(opt, params)
+    shards = [
+        agent_dataset(cfg.task, i, cfg.num_agents, cfg.partition, cfg.alpha, cfg.seed)
+        for i in range(cfg.num_agents)
+    ]
+    x_test, y_test = server_test_set(cfg.task, cfg.seed)
+    regions = assign_regions(cfg.num_agents, cfg.num_regions)
+
+    edge_codec = global_codec = None
+    if not cfg.float_mode:
+        # Imported here so that float-mode (reference) runs need no HE library.
+        from schemas.codec import Codec, update_seed
+        from schemas.he import HEContext, generate_keys
+
+        cp = cfg.codec_params()
+        if cfg.encrypted:
+            secret, public = keys if keys is not None else generate_keys()
+            edge_codec = Codec(cp, spec.num_params, HEContext.from_bytes(public))
+            global_codec = Codec(cp, spec.num_params, HEContext.from_bytes(secret))
+        else:
+            edge_codec = global_codec = Codec(cp, spec.num_params, None)
+
+    history: list[dict[str, Any]] = []
+    for round_id in range(1, cfg.rounds + 1):
+        t = dict.fromkeys(("train", "encode", "regional_sum", "global_decode", "server_step"), 0.0)
+        sampled, delivering = sample_round(cfg, round_id)
+        bytes_up = 0
+        deltas: list[np.ndarray] = []
+        counts: list[int] = []
+        train_losses: list[float] = []
+        sums = (
+            {r: RegionalSum(edge_codec, round_id) for r in range(cfg.num_regions)}
+            if edge_codec is not None
+            else {}
+        )
+        for i in sampled:
+            aid = agent_id(i)
+            x, y, _, _ = shards[i]
+            t0 = time.perf_counter()
+            delta, n, metrics = train_local(
+                spec, params, x, y, cfg.local, local_seed(cfg.seed, round_id, aid)
+            )
+            t["train"] += time.perf_counter() - t0
+            train_losses.append(metrics["loss"])
+            if i not in delivering:  # trained, but the update never arrives
+                continue
+            if edge_codec is None:
+                deltas.append(delta)
+                counts.append(n)
+                bytes_up += delta.nbytes
+                continue
+            t0 = time.perf_counter()
+            chunks = edge_codec.encode(delta, n, update_seed(cfg.seed, round_id, aid))
+            t["encode"] += time.perf_counter() - t0
+            bytes_up += sum(len(c) for c in chunks)
+            t0 = time.perf_counter()
+            for ci, payload in enumerate(chunks):
+                sums[regions[i]].add_chunk(aid, ci, len(chunks), payload)
+            t["regional_sum"] += time.perf_counter() - t0
+
+        participants = len(delivering)
+        if participants:
+            t0 = time.perf_counter()
+            if global_codec is None:
+                avg = _float_average(deltas, counts)
+            else:
+                gr = GlobalRound(global_codec, round_id)
+                for r, rs in sums.items():
+                    if rs.num_agents:
+                        for ci, payload in enumerate(rs.partial()):
+                            gr.add_partial(region_id(r), ci, payload, rs.agents)
+                avg, _, participants = gr.finish()
+            t["global_decode"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            params, opt_state = server_step(opt, params, opt_state, avg)
+            t["server_step"] += time.perf_counter() - t0
+
+        ev = evaluate(spec, params, x_test, y_test)
+        entry: dict[str, Any] = {
+            "round": round_id,
+            "accuracy": ev["accuracy"],
+            "loss": ev["loss"],
+            "participants": participants,
+            "sampled": len(sampled),
+            "bytes_up": bytes_up,
+            "train_loss": float(np.mean(train_losses)) if train_losses else float("nan"),
+            "timings": t,
+        }
+        if cfg.federated_eval:
+            local = [evaluate(spec, params, s[2], s[3]) for s in shards]
+            sizes = np.array([len(s[3]) for s in shards], np.float64)
+            entry["fed_accuracy"] = float(np.dot([m["accuracy"] for m in local], sizes) / sizes.sum())
+            entry["fed_loss"] = float(np.dot([m["loss"] for m in local], sizes) / sizes.sum())
+        history.append(entry)
+        if progress is not None:
+            progress(entry)
+    return SimResult(history=history, final_params=params, spec=spec)
+
+
+def rounds_to_reach(history: list[dict[str, Any]], target: float) -> int | None:
+    """First round whose server accuracy is at least ``target`` (``None`` if never)."""
+    for e in history:
+        if e["accuracy"] >= target:
+            return int(e["round"])
+    return None
