@@ -188,18 +188,20 @@ class UpdateChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_id: _Optional[str] = ..., region: _Optional[str] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ...) -> None: ...
 
 class PartialChunk(_message.Message):
-    __slots__ = ("header", "region", "agents", "payload", "eval")
+    __slots__ = ("header", "region", "agents", "payload", "eval", "update_bytes")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     header: Header
     region: str
     agents: _containers.RepeatedScalarFieldContainer[str]
     payload: bytes
     eval: EvalSums
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ...) -> None: ...
+    update_bytes: int
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ..., update_bytes: _Optional[int] = ...) -> None: ...
 
 class Receipt(_message.Message):
     __slots__ = ("header", "region", "agents")

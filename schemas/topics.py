@@ -1,35 +1,52 @@
 """Topic names: the only place they are spelled.
 
+Every name lives under a namespace (default ``fedstream``), so several federations (or test
+runs) can share one Mosquitto and one Kafka. With namespace ``ns``:
+
 MQTT (one broker or listener per region)::
 
-    fedstream/<region>/model              retained: the current ModelVersion (with its RoundTask)
-    fedstream/<region>/updates/<agent>    QoS 1: the agent's UpdateChunk envelopes
-    fedstream/<region>/receipts           QoS 1: Receipt envelopes (which agents are committed)
+    ns/<region>/model              retained: the current ModelVersion (with its RoundTask)
+    ns/<region>/updates/<agent>    QoS 1: the agent's UpdateChunk envelopes
+    ns/<region>/receipts           QoS 1, retained: the latest Receipt of the region
 
 Kafka::
 
-    fedstream.partials   PartialChunk envelopes, key = "<round>/<region>/<chunk>"
-    fedstream.models     ModelVersion envelopes, compacted; key = model name (latest) and
-                         "<model name>@<version>" (history, for streaming consumers)
+    ns.partials   PartialChunk envelopes, key = "<round>/<region>/<chunk>"
+    ns.models     ModelVersion envelopes, compacted, key = model name
 """
 
 from __future__ import annotations
 
-PARTIALS_TOPIC = "fedstream.partials"
-MODELS_TOPIC = "fedstream.models"
+import re
+from dataclasses import dataclass
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def model_topic(region: str) -> str:
-    return f"fedstream/{region}/model"
+@dataclass(frozen=True)
+class Topics:
+    namespace: str = "fedstream"
 
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.namespace):
+            raise ValueError(f"namespace {self.namespace!r}: use 1-64 of [A-Za-z0-9_.-]")
 
-def update_topic(region: str, agent_id: str) -> str:
-    return f"fedstream/{region}/updates/{agent_id}"
+    @property
+    def partials(self) -> str:
+        return f"{self.namespace}.partials"
 
+    @property
+    def models(self) -> str:
+        return f"{self.namespace}.models"
 
-def update_wildcard(region: str) -> str:
-    return f"fedstream/{region}/updates/+"
+    def model(self, region: str) -> str:
+        return f"{self.namespace}/{region}/model"
 
+    def update(self, region: str, agent_id: str) -> str:
+        return f"{self.namespace}/{region}/updates/{agent_id}"
 
-def receipt_topic(region: str) -> str:
-    return f"fedstream/{region}/receipts"
+    def updates(self, region: str) -> str:
+        return f"{self.namespace}/{region}/updates/+"
+
+    def receipts(self, region: str) -> str:
+        return f"{self.namespace}/{region}/receipts"

@@ -1,0 +1,151 @@
+"""Streaming consumers: verified model versions from the Kafka model topic.
+
+A consumer needs only the Kafka address and ``trust.json`` (public keys); every version is checked
+against the global aggregator's Ed25519 key before it is yielded, and records that fail are
+skipped and counted, never yielded.
+
+Usage::
+
+    trust = TrustStore.load(Path("keys/trust.json"))
+    async for version in model_versions("127.0.0.1:9092", trust):
+        print(version.version, version.round, version.metrics["server_accuracy"])
+        weights = version.params            # float32 numpy vector (ravel_pytree order)
+
+or from a shell: ``fedstream-models --kafka 127.0.0.1:9092 --trust keys/trust.json --follow``.
+Non-Python consumers decode ``schemas/fedstream.proto`` (Envelope -> ModelVersion) and verify the
+signature over the bytes documented in :mod:`schemas.signing`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from aiokafka import TopicPartition
+
+from schemas import fedstream_pb2 as pb
+from schemas.errors import InvalidMessage
+from schemas.kafka import MAX_MESSAGE_BYTES, model_consumer
+from schemas.keyring import GLOBAL_ID
+from schemas.signing import TrustStore, open_envelope
+from schemas.telemetry import REJECTED
+from schemas.topics import Topics
+
+
+@dataclass(frozen=True)
+class VerifiedModel:
+    """One model version whose signature checked out."""
+
+    model_name: str
+    version: int
+    round: int
+    final: bool
+    params: np.ndarray
+    metrics: dict[str, float]
+    participants: dict[str, list[str]]
+    message: pb.ModelVersion
+    offset: int
+
+
+def verify_model(raw: bytes, trust: TrustStore, offset: int = -1) -> VerifiedModel:
+    """Verify one model-topic record; raises InvalidMessage if it is not the global's."""
+    mv = open_envelope(raw, pb.MODEL_VERSION, trust, max_bytes=MAX_MESSAGE_BYTES).body
+    if mv.header.sender != GLOBAL_ID:
+        raise InvalidMessage("unauthorized", f"model version signed by {mv.header.sender!r}")
+    params = np.frombuffer(mv.params, "<f4")
+    if params.size != mv.num_params:
+        raise InvalidMessage("truncated", f"{params.size} parameters, header says {mv.num_params}")
+    return VerifiedModel(
+        model_name=mv.model_name, version=mv.header.model_version, round=mv.provenance.round,
+        final=mv.final, params=params, metrics=dict(mv.provenance.metrics),
+        participants={p.region: list(p.agents) for p in mv.provenance.participants},
+        message=mv, offset=offset,
+    )
+
+
+async def model_versions(
+    bootstrap: str,
+    trust: TrustStore,
+    *,
+    namespace: str = "fedstream",
+    model_name: str | None = None,
+    from_beginning: bool = True,
+    follow: bool = True,
+    idle_timeout_s: float | None = None,
+) -> AsyncIterator[VerifiedModel]:
+    """Yield verified model versions in topic order (committed transactions only).
+
+    Args:
+        from_beginning: start at the oldest retained version (the topic is compacted, so this is
+            at least the latest version of every model), else only new ones.
+        follow: keep waiting for new versions; with False, stop at the current end.
+        idle_timeout_s: with ``follow``, stop after this long without a new record.
+    """
+    topic = Topics(namespace).models
+    consumer = model_consumer(bootstrap)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        if from_beginning:
+            await consumer.seek_to_beginning(tp)
+        else:
+            await consumer.seek_to_end(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        idle = 0.0
+        while True:
+            if not follow and await consumer.position(tp) >= end:
+                return
+            batch = await consumer.getmany(tp, timeout_ms=500)
+            recs = batch.get(tp, [])
+            idle = 0.0 if recs else idle + 0.5
+            if idle_timeout_s is not None and idle >= idle_timeout_s:
+                return
+            for rec in recs:
+                try:
+                    v = verify_model(rec.value, trust, rec.offset)
+                except InvalidMessage as exc:
+                    REJECTED.labels("consumer", exc.reason).inc()
+                    continue
+                if model_name is None or v.model_name == model_name:
+                    yield v
+    finally:
+        await consumer.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="fedstream-models",
+        description="Print verified model versions from the Kafka model topic, one JSON line "
+        "each (version, round, metrics, participants); unverifiable records are skipped.",
+    )
+    ap.add_argument("--kafka", required=True, help="Kafka bootstrap servers")
+    ap.add_argument("--trust", type=Path, required=True, help="trust.json from fedstream-keygen")
+    ap.add_argument("--namespace", default="fedstream", help="topic namespace")
+    ap.add_argument("--model", default=None, help="only this model name")
+    ap.add_argument("--follow", action="store_true", help="keep waiting for new versions")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="write each version's parameters to DIR/<model>-v<version>.npy")
+    a = ap.parse_args(argv)
+    trust = TrustStore.load(a.trust)
+
+    async def run() -> None:
+        async for v in model_versions(a.kafka, trust, namespace=a.namespace, model_name=a.model,
+                                      follow=a.follow):
+            if a.save:
+                a.save.mkdir(parents=True, exist_ok=True)
+                np.save(a.save / f"{v.model_name}-v{v.version}.npy", v.params)
+            print(json.dumps({"model": v.model_name, "version": v.version, "round": v.round,
+                              "final": v.final, "num_params": int(v.params.size),
+                              "metrics": v.metrics, "participants": v.participants}), flush=True)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The global aggregator: Kafka partials in, one decryption per round, model versions out.
+
+Exactly-once: partials are consumed (``read_committed``, no auto-commit) and the next model version
+is produced in ONE Kafka transaction together with the consumer offsets of the partials it used
+(aiokafka transactional producer, ``send_offsets_to_transaction``). A crash anywhere before the
+commit leaves neither the model version nor the offsets: the restarted process re-reads the same
+partials and computes the same version. Duplicate partials by (round, region, chunk) are dropped.
+The server optimizer state travels inside every model version, so a restart resumes from the
+topics alone. Only this tier holds the secret HE key, and it decrypts only the total of all
+partials of a round (``GlobalRound.finish``), never a single region's sum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from edge_agent.data import TASKS, server_test_set
+from edge_agent.models import init_params, make_spec
+from edge_agent.train import LocalTrainConfig, evaluate
+from global_aggregator.combine import GlobalRound
+from global_aggregator.sampling import select_agents
+from global_aggregator.strategies import (
+    init_state,
+    make_server_optimizer,
+    server_step,
+    state_from_bytes,
+    state_to_bytes,
+)
+from schemas import fedstream_pb2 as pb
+from schemas.codec import Codec, CodecParams
+from schemas.errors import InvalidMessage
+from schemas.kafka import CLIENT_SIZES, CONSUMER_SIZES, MAX_MESSAGE_BYTES, ensure_topics, read_latest_model
+from schemas.keyring import GLOBAL_ID, Keyring
+from schemas.signing import header, open_envelope, seal
+from schemas.task import codec_params, codec_spec
+from schemas.telemetry import ACCEPTED, BYTES, ROUND, ROUND_SECONDS, reject, serve
+from schemas.topics import Topics
+
+log = logging.getLogger("fedstream.global")
+SERVICE = "global"
+
+
+@dataclass(frozen=True)
+class GlobalSettings:
+    """How the federation runs (set by flags or environment at the entry point)."""
+
+    kafka_bootstrap: str
+    keys_dir: Path
+    rounds: int = 15
+    min_participants: int = 1
+    strategy: str = "fedavg"
+    server_lr: float | None = None  # None: the strategy's default
+    round_deadline_s: float = 60.0
+    grace_s: float = 15.0
+    task_name: str = "digits"
+    model_name: str = ""
+    seed: int = 0
+    clients_per_round: float = 1.0
+    codec: CodecParams = field(default_factory=CodecParams)
+    train: LocalTrainConfig = field(default_factory=LocalTrainConfig)
+    metrics_port: int | None = None
+    namespace: str = "fedstream"
+
+    @property
+    def transactional_id(self) -> str:
+        return f"{self.namespace}-global"
+
+    @property
+    def group_id(self) -> str:
+        return f"{self.namespace}-global"
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError("rounds must be at least 1")
+        if self.min_participants < 1:
+            raise ValueError("min_participants must be at least 1")
+        if not 0 < self.clients_per_round <= 1:
+            raise ValueError("clients_per_round must be in (0, 1]")
+        if self.task_name not in TASKS:
+            raise ValueError(f"unknown task {self.task_name!r}; known: {sorted(TASKS)}")
+
+    @property
+    def model(self) -> str:
+        return self.model_name or TASKS[self.task_name].default_model
+
+
+def train_spec(cfg: LocalTrainConfig) -> pb.TrainSpec:
+    return pb.TrainSpec(optimizer=cfg.optimizer, lr=cfg.lr, epochs=cfg.epochs,
+                        batch_size=cfg.batch_size, prox_mu=cfg.prox_mu)
+
+
+class GlobalAggregator:
+    def __init__(self, settings: GlobalSettings) -> None:
+        self.s = settings
+        self.t = Topics(settings.namespace)
+        self.keys = Keyring.load(settings.keys_dir, GLOBAL_ID, secret=True)
+        if not self.keys.he.is_private:
+            raise ValueError("the global aggregator needs the secret HE context")
+        self.regions = self.keys.trust.names(role="region")
+        self.agents = self.keys.trust.names(role="agent")
+        info = TASKS[settings.task_name]
+        self.spec = make_spec(settings.model, info.input_shape, info.num_classes)
+        self.opt = make_server_optimizer(settings.strategy, lr=settings.server_lr)
+        self.test_set = server_test_set(settings.task_name, settings.seed)
+        self.done = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.history: list[dict] = []
+
+    # -- pure-ish helpers ------------------------------------------------------------------
+
+    def _task(self, round_id: int, version: int) -> pb.RoundTask:
+        selected = select_agents(self.agents, self.s.clients_per_round, self.s.seed, round_id)
+        return pb.RoundTask(
+            round=round_id, model_version=version, codec=codec_spec(self.s.codec),
+            train=train_spec(self.s.train), deadline_unix=time.time() + self.s.round_deadline_s,
+            min_participants=self.s.min_participants, he_fingerprint=self.keys.he.fingerprint,
+            seed=self.s.seed, selected_agents=selected if len(selected) < len(self.agents) else [],
+            model_name=self.s.model, task_name=self.s.task_name,
+        )
+
+    def _version(self, version: int, round_id: int, params: np.ndarray, opt_state_raw: bytes,
+                 provenance: pb.Provenance) -> pb.ModelVersion:
+        final = round_id >= self.s.rounds
+        mv = pb.ModelVersion(
+            header=header(GLOBAL_ID, round_id, version, self.keys.he.fingerprint),
+            model_name=self.s.model, num_params=int(params.size),
+            params=np.asarray(params, "<f4").tobytes(), optimizer_state=opt_state_raw,
+            provenance=provenance, final=final,
+        )
+        if not final:
+            mv.next_task.CopyFrom(self._task(round_id + 1, version))
+        return mv
+
+    def _check_partial(self, raw: bytes, round_id: int) -> pb.PartialChunk:
+        part = open_envelope(raw, pb.PARTIAL_CHUNK, self.keys.trust,
+                             max_bytes=MAX_MESSAGE_BYTES).body
+        who = self.keys.trust.get(part.header.sender)
+        if who is None or who.role != "region" or part.region != part.header.sender:
+            raise InvalidMessage("unauthorized", f"{part.header.sender!r} is not a region")
+        if part.header.round != round_id:
+            raise InvalidMessage("late" if part.header.round < round_id else "wrong_round",
+                                 f"partial for round {part.header.round}, global is on {round_id}")
+        if part.header.he_fingerprint != self.keys.he.fingerprint:
+            raise InvalidMessage("wrong_fingerprint", "partial made with another HE context")
+        for agent in part.agents:
+            a = self.keys.trust.get(agent)
+            if a is None or a.region != part.region:
+                raise InvalidMessage("unauthorized", f"{agent!r} is not an agent of {part.region}")
+        return part
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        serve(self.s.metrics_port)
+        await ensure_topics(self.s.kafka_bootstrap, self.t)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.s.kafka_bootstrap, transactional_id=self.s.transactional_id,
+            enable_idempotence=True, acks="all", **CLIENT_SIZES,
+        )
+        await producer.start()  # fences any older incarnation with the same transactional id
+        consumer = AIOKafkaConsumer(
+            self.t.partials, bootstrap_servers=self.s.kafka_bootstrap, group_id=self.s.group_id,
+            isolation_level="read_committed", enable_auto_commit=False,
+            auto_offset_reset="earliest", **CONSUMER_SIZES,
+        )
+        await consumer.start()
+        rounds = asyncio.create_task(self._rounds(producer, consumer), name="rounds")
+        stop = asyncio.create_task(self._stop.wait(), name="stop")
+        try:
+            await asyncio.wait({rounds, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if rounds.done():
+                rounds.result()  # surface a crash
+            rounds.cancel()
+            stop.cancel()
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    async def _publish(self, producer: AIOKafkaProducer, mv: pb.ModelVersion,
+                       consumer: AIOKafkaConsumer | None) -> bytes:
+        raw = seal(pb.MODEL_VERSION, mv, GLOBAL_ID, self.keys.private_key)
+        async with producer.transaction():
+            await producer.send(self.t.models, raw, key=mv.model_name.encode())
+            if consumer is not None and consumer.assignment():
+                offsets = {tp: await consumer.position(tp) for tp in consumer.assignment()}
+                await producer.send_offsets_to_transaction(offsets, self.s.group_id)
+        BYTES.labels(SERVICE, "kafka_out").inc(len(raw))
+        return raw
+
+    async def _rounds(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
+        mv, _ = await read_latest_model(self.s.kafka_bootstrap, self.t.models, self.keys.trust,
+                                       self.s.model)
+        if mv is None:
+            params, _ = init_params(self.s.model, self.spec.input_shape, self.spec.num_classes,
+                                    self.s.seed)
+            state = init_state(self.opt, params)
+            mv = self._version(0, 0, params, state_to_bytes(state),
+                               pb.Provenance(strategy=self.s.strategy, created_unix=time.time()))
+            await self._publish(producer, mv, None)
+            log.info("published initial model v0 (%d params)", params.size)
+        else:
+            log.info("resuming from model v%d (round %d)", mv.header.model_version,
+                     mv.provenance.round)
+        while not mv.final:
+            mv = await self._one_round(producer, consumer, mv)
+        log.info("final model v%d published", mv.header.model_version)
+        self.done.set()
+
+    async def _one_round(self, producer, consumer, mv: pb.ModelVersion) -> pb.ModelVersion:
+        task = mv.next_task
+        r, version = task.round, mv.header.model_version
+        ROUND.labels(SERVICE).set(r)
+        t0 = time.time()
+        params = np.frombuffer(mv.params, "<f4").copy()
+        state = state_from_bytes(self.opt, params, mv.optimizer_state)
+        codec = Codec(codec_params(task.codec), mv.num_params,
+                      self.keys.he if task.codec.encrypted else None)
+        gr = GlobalRound(codec, r)
+        eval_sums = pb.EvalSums()
+        seen_eval: set[str] = set()
+        empty: set[str] = set()  # regions that reported "no partial this round"
+        update_bytes = 0
+        expected = set(self.regions)
+        while True:
+            batch = await consumer.getmany(timeout_ms=200)
+            for _, recs in batch.items():
+                for rec in recs:
+                    BYTES.labels(SERVICE, "kafka_in").inc(len(rec.value))
+                    try:
+                        part = self._check_partial(rec.value, r)
+                        if not part.agents and not part.payload:  # region had too few agents
+                            fresh = part.region not in empty
+                            empty.add(part.region)
+                        else:
+                            fresh = gr.add_partial(part.region, part.header.chunk_index,
+                                                   part.payload, list(part.agents))
+                    except InvalidMessage as exc:
+                        reject(SERVICE, exc, f"partial at offset {rec.offset}")
+                        continue
+                    if fresh:
+                        ACCEPTED.labels(SERVICE, "partial_chunk").inc()
+                        if part.HasField("eval") and part.region not in seen_eval:
+                            seen_eval.add(part.region)
+                            eval_sums.loss_sum += part.eval.loss_sum
+                            eval_sums.accuracy_sum += part.eval.accuracy_sum
+                            eval_sums.count += part.eval.count
+                            update_bytes += part.update_bytes
+            complete = set(gr.complete_regions) | empty
+            n = sum(len(a) for a in gr.participants.values())
+            if complete >= expected:
+                break
+            if time.time() > task.deadline_unix + self.s.grace_s and n >= self.s.min_participants:
+                log.warning("round %d: deadline passed, closing with regions %s", r,
+                            sorted(complete))
+                break
+        participants = gr.participants
+        n = sum(len(a) for a in participants.values())
+        metrics: dict[str, float] = {"participants": float(n), "update_bytes": float(update_bytes)}
+        if n >= self.s.min_participants:
+            avg, weight_sum, _ = gr.finish()
+            params, state = server_step(self.opt, params, state, avg)
+            metrics["weight_sum"] = float(weight_sum)
+        else:
+            log.warning("round %d: %d participants < %d; model unchanged", r, n,
+                        self.s.min_participants)
+        ev = evaluate(self.spec, params, *self.test_set)
+        metrics.update({"server_accuracy": ev["accuracy"], "server_loss": ev["loss"]})
+        if eval_sums.count:
+            metrics["federated_accuracy"] = eval_sums.accuracy_sum / eval_sums.count
+            metrics["federated_loss"] = eval_sums.loss_sum / eval_sums.count
+        prov = pb.Provenance(
+            parent_version=version, round=r, codec=task.codec, strategy=self.s.strategy,
+            created_unix=time.time(), metrics=metrics,
+            participants=[pb.RegionParticipants(region=k, agents=v)
+                          for k, v in sorted(participants.items())],
+        )
+        new = self._version(version + 1, r, np.asarray(params, np.float32),
+                            state_to_bytes(state), prov)
+        raw = await self._publish(producer, new, consumer)
+        ROUND_SECONDS.observe(time.time() - t0)
+        self.history.append({"round": r, "version": version + 1, "bytes": len(raw), **metrics})
+        log.info("round %d -> model v%d: %d participants, accuracy %.3f", r, version + 1, n,
+                 ev["accuracy"])
+        return new
+
+    def stop(self) -> None:
+        self._stop.set()

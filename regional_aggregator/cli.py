@@ -1,0 +1,45 @@
+"""``fedstream-regional-aggregator``: the summing service of one region."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from regional_aggregator.service import RegionalAggregator, RegionalSettings
+from schemas.cli import EnvDefaults, host_port, run_service, setup_logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = EnvDefaults(
+        prog="fedstream-regional-aggregator",
+        description="Take the region's encrypted updates from MQTT (persistent session, manual "
+        "ack), add them without decrypting, write the partial sum to Kafka, then ack and publish "
+        "receipts. Relays each new model version from Kafka to the region's retained MQTT topic.",
+    )
+    ap.add_argument("--region", env="REGION", required=True, help="region id, e.g. region-0")
+    ap.add_argument("--mqtt", env="MQTT_ADDR", type=host_port, required=True,
+                    help="regional broker HOST:PORT")
+    ap.add_argument("--kafka", env="KAFKA_BOOTSTRAP", required=True, help="Kafka bootstrap servers")
+    ap.add_argument("--keys", env="KEYS_DIR", type=Path, required=True,
+                    help="key directory (public HE context + the region's key)")
+    ap.add_argument("--model", env="MODEL_NAME", default="digits_cnn", help="model to relay")
+    ap.add_argument("--min-agents-per-partial", env="MIN_AGENTS_PER_PARTIAL", type=int, default=1,
+                    help="never forward a sum of fewer agents (privacy floor)")
+    ap.add_argument("--max-message-bytes", env="MAX_MESSAGE_BYTES", type=int, default=4 << 20,
+                    help="reject larger MQTT messages")
+    ap.add_argument("--metrics-port", env="METRICS_PORT", type=int, default=None,
+                    help="serve Prometheus metrics on this port")
+    ap.add_argument("--namespace", env="FEDSTREAM_NAMESPACE", default="fedstream",
+                    help="prefix of every MQTT and Kafka topic")
+    ap.add_argument("--log-level", env="LOG_LEVEL", default="info")
+    a = ap.parse_args(argv)
+    setup_logging(a.log_level)
+    svc = RegionalAggregator(RegionalSettings(
+        region=a.region, mqtt_host=a.mqtt[0], mqtt_port=a.mqtt[1], kafka_bootstrap=a.kafka,
+        keys_dir=a.keys, model_name=a.model, min_agents_per_partial=a.min_agents_per_partial,
+        max_message_bytes=a.max_message_bytes, metrics_port=a.metrics_port, namespace=a.namespace,
+    ))
+    run_service(svc.run, svc.stop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""The regional aggregator: MQTT in (manual ack), homomorphic running sum, Kafka out.
+
+Delivery: the MQTT session is persistent and every update is acknowledged only after the partial
+sum containing it has been written to Kafka (idempotent producer, ``acks=all``). If this process
+dies first, Mosquitto redelivers every unacknowledged update to the next incarnation, which rebuilds
+the same sum; duplicates by (round, agent, chunk) are dropped, and the global aggregator drops a
+second partial for the same (round, region). Receipts naming the committed agents are published
+after the commit, so edge agents can forget their update.
+
+The region never holds a secret key: it only adds ciphertexts (``Codec.add``) it cannot read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from regional_aggregator.summing import RegionalSum
+from schemas import fedstream_pb2 as pb
+from schemas.codec import Codec
+from schemas.errors import InvalidMessage
+from schemas.kafka import CLIENT_SIZES, MAX_MESSAGE_BYTES, catch_up, model_consumer
+from schemas.keyring import GLOBAL_ID, Keyring
+from schemas.mqtt import MqttLink
+from schemas.signing import header, open_envelope, seal
+from schemas.task import codec_params
+from schemas.telemetry import ACCEPTED, BYTES, ROUND, reject, serve
+from schemas.topics import Topics
+
+log = logging.getLogger("fedstream.regional")
+SERVICE = "regional"
+
+
+@dataclass(frozen=True)
+class RegionalSettings:
+    region: str
+    mqtt_host: str
+    mqtt_port: int
+    kafka_bootstrap: str
+    keys_dir: Path
+    model_name: str = "cnn"
+    min_agents_per_partial: int = 1
+    max_message_bytes: int = 4 << 20
+    metrics_port: int | None = None
+    kafka_retry_s: float = 1.0
+    namespace: str = "fedstream"
+
+    def __post_init__(self) -> None:
+        if self.min_agents_per_partial < 1:
+            raise ValueError("min_agents_per_partial must be at least 1")
+
+
+@dataclass
+class _Round:
+    """What the region knows about the round in progress."""
+
+    model: pb.ModelVersion
+    task: pb.RoundTask
+    codec: Codec
+    expected: set[str]
+    summer: RegionalSum
+    pending: list = field(default_factory=list)  # MQTT messages to ack after the commit
+    eval: pb.EvalSums = field(default_factory=pb.EvalSums)
+    flushed: bool = False
+    update_bytes: int = 0
+    committed_agents: list[str] = field(default_factory=list)
+
+
+class RegionalAggregator:
+    def __init__(self, settings: RegionalSettings) -> None:
+        self.s = settings
+        self.t = Topics(settings.namespace)
+        self.keys = Keyring.load(settings.keys_dir, settings.region)
+        agents = self.keys.trust.names(role="agent", region=settings.region)
+        if not agents:
+            raise ValueError(f"trust store has no agents in region {settings.region!r}")
+        self.agents = set(agents)
+        self.round: _Round | None = None
+        self._round_changed = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    # -- model versions: Kafka -> retained MQTT ------------------------------------------------
+
+    def _adopt(self, mv: pb.ModelVersion, raw: bytes) -> None:
+        """Start the round carried by a newer model version and relay it to the edge."""
+        if self.round and mv.header.model_version <= self.round.model.header.model_version:
+            return
+        self.mqtt.publish(self.t.model(self.s.region), raw, retain=True)
+        BYTES.labels(SERVICE, "mqtt_out").inc(len(raw))
+        old = self.round
+        if old and not old.flushed and old.pending:
+            # a round can close without us (global deadline): its updates are obsolete now
+            for msg in old.pending:
+                self.mqtt.ack(msg)
+        if mv.final or not mv.HasField("next_task"):
+            self.round = None
+            log.info("%s: final model version %d relayed", self.s.region, mv.header.model_version)
+            self._round_changed.set()
+            return
+        task = mv.next_task
+        if task.he_fingerprint != self.keys.he.fingerprint:
+            raise InvalidMessage("wrong_fingerprint", "round task names another HE context")
+        codec = Codec(codec_params(task.codec), mv.num_params,
+                      self.keys.he if task.codec.encrypted else None)
+        selected = set(task.selected_agents) or self.agents
+        self.round = _Round(mv, task, codec, selected & self.agents, RegionalSum(codec, task.round))
+        ROUND.labels(SERVICE).set(task.round)
+        log.info("%s: round %d on model v%d, expecting %s", self.s.region, task.round,
+                 mv.header.model_version, sorted(self.round.expected))
+        self._round_changed.set()
+
+    async def _follow_models(self, consumer: AIOKafkaConsumer) -> None:
+        async for rec in consumer:
+            try:
+                mv = open_envelope(rec.value, pb.MODEL_VERSION, self.keys.trust,
+                                   max_bytes=MAX_MESSAGE_BYTES).body
+                if mv.header.sender != GLOBAL_ID:
+                    raise InvalidMessage("unauthorized", f"model signed by {mv.header.sender!r}")
+                if mv.model_name == self.s.model_name:
+                    self._adopt(mv, rec.value)
+            except InvalidMessage as exc:
+                reject(SERVICE, exc, f"model record {rec.offset}")
+
+    # -- updates: MQTT -> running sum ----------------------------------------------------------
+
+    def _check_update(self, raw: bytes) -> pb.UpdateChunk:
+        up = open_envelope(raw, pb.UPDATE_CHUNK, self.keys.trust,
+                           max_bytes=self.s.max_message_bytes).body
+        who = self.keys.trust.get(up.header.sender)
+        if who is None or who.role != "agent" or who.region != self.s.region:
+            raise InvalidMessage("unauthorized", f"{up.header.sender!r} is not an agent of "
+                                 f"{self.s.region}")
+        if up.agent_id != up.header.sender:
+            raise InvalidMessage("sender_mismatch", "agent_id differs from the signer")
+        r = self.round
+        if r is None:
+            raise InvalidMessage("wrong_round", f"round {up.header.round} but no round is open")
+        if up.header.round != r.task.round:
+            reason = "late" if up.header.round < r.task.round else "wrong_round"
+            raise InvalidMessage(reason, f"update for round {up.header.round}, "
+                                 f"region is on round {r.task.round}")
+        if up.header.he_fingerprint != r.task.he_fingerprint:
+            raise InvalidMessage("wrong_fingerprint", "update made with another HE context")
+        if r.flushed and up.agent_id not in r.committed_agents:
+            raise InvalidMessage("late", f"{up.agent_id} arrived after round {r.task.round} "
+                                 "was flushed")
+        if up.agent_id not in r.expected:
+            raise InvalidMessage("not_selected", f"{up.agent_id} was not asked for this round")
+        return up
+
+    def _on_update(self, msg) -> None:
+        BYTES.labels(SERVICE, "mqtt_in").inc(len(msg.payload))
+        try:
+            up = self._check_update(msg.payload)
+        except InvalidMessage as exc:
+            reject(SERVICE, exc, f"update on {msg.topic}")
+            self.mqtt.ack(msg)  # a refused message is final: never redeliver it
+            return
+        r = self.round
+        assert r is not None
+        if r.flushed:  # a duplicate of a committed update: ack, and re-send the receipt
+            self.mqtt.ack(msg)
+            self._publish_receipt(r)
+            return
+        try:
+            fresh = r.summer.add_chunk(up.agent_id, up.header.chunk_index,
+                                       up.header.chunk_count, up.payload)
+        except InvalidMessage as exc:
+            reject(SERVICE, exc, f"update from {up.agent_id}")
+            self.mqtt.ack(msg)
+            return
+        r.pending.append(msg)
+        if fresh:
+            ACCEPTED.labels(SERVICE, "update_chunk").inc()
+            r.update_bytes += len(msg.payload)
+            if up.header.chunk_index == 0 and up.HasField("eval"):
+                r.eval.loss_sum += up.eval.loss_sum
+                r.eval.accuracy_sum += up.eval.accuracy_sum
+                r.eval.count += up.eval.count
+        if set(r.summer.agents) >= r.expected:
+            self._round_changed.set()
+
+    # -- flush: Kafka commit, then acks and receipts -------------------------------------------
+
+    async def _flush(self, producer: AIOKafkaProducer, r: _Round) -> None:
+        agents = sorted(r.summer.agents)
+        enough = len(agents) >= self.s.min_agents_per_partial
+        if enough:
+            payloads = r.summer.partial()
+        else:  # too few to hide any one agent: report an empty partial, drop the rest
+            log.warning("%s round %d: %d agents < min %d, sending an empty partial",
+                        self.s.region, r.task.round, len(agents), self.s.min_agents_per_partial)
+            payloads, agents = [b""], []
+        fp = r.task.he_fingerprint
+        mv = r.model.header.model_version
+        for i, payload in enumerate(payloads):
+            part = pb.PartialChunk(
+                header=header(self.s.region, r.task.round, mv, fp, i, len(payloads)),
+                region=self.s.region, agents=agents, payload=payload,
+                eval=r.eval if (i == 0 and enough) else None,
+                update_bytes=r.update_bytes if (i == 0 and enough) else 0,
+            )
+            raw = seal(pb.PARTIAL_CHUNK, part, self.s.region, self.keys.private_key)
+            await self._send_until_committed(producer, raw, f"{r.task.round}/{self.s.region}/{i}")
+            BYTES.labels(SERVICE, "kafka_out").inc(len(raw))
+        # committed: now (and only now) the broker may forget the updates
+        r.flushed = True
+        r.committed_agents = agents
+        for msg in r.pending:
+            self.mqtt.ack(msg)
+        r.pending.clear()
+        self._publish_receipt(r)
+        log.info("%s round %d: partial of %d agents committed", self.s.region, r.task.round,
+                 len(agents))
+
+    async def _send_until_committed(self, producer: AIOKafkaProducer, raw: bytes, key: str) -> None:
+        while True:
+            try:
+                await producer.send_and_wait(self.t.partials, raw, key=key.encode())
+                return
+            except KafkaError as exc:  # broker away: nothing is acked, so keep trying
+                log.warning("%s: Kafka send failed (%s); retrying", self.s.region, exc)
+                await asyncio.sleep(self.s.kafka_retry_s)
+
+    def _publish_receipt(self, r: _Round) -> None:
+        rc = pb.Receipt(
+            header=header(self.s.region, r.task.round, r.model.header.model_version,
+                          r.task.he_fingerprint),
+            region=self.s.region, agents=r.committed_agents,
+        )
+        self.mqtt.publish(self.t.receipts(self.s.region),
+                          seal(pb.RECEIPT, rc, self.s.region, self.keys.private_key), retain=True)
+
+    async def _rounds(self, producer: AIOKafkaProducer) -> None:
+        while not self._stop.is_set():
+            r = self.round
+            if r is None or r.flushed:
+                self._round_changed.clear()
+                await self._round_changed.wait()
+                continue
+            complete = set(r.summer.agents) >= r.expected
+            if complete or time.time() >= r.task.deadline_unix:
+                await self._flush(producer, r)
+                continue
+            self._round_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._round_changed.wait(),
+                                       max(0.05, r.task.deadline_unix - time.time()))
+
+    async def _pump_updates(self) -> None:
+        while True:
+            msg = await self.mqtt.inbox.get()
+            self._on_update(msg)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        serve(self.s.metrics_port)
+        loop = asyncio.get_running_loop()
+        self.mqtt = MqttLink(
+            host=self.s.mqtt_host, port=self.s.mqtt_port,
+            client_id=f"{self.s.namespace}-regional-{self.s.region}",
+            subscriptions=[self.t.updates(self.s.region)], loop=loop,
+            persistent=True, manual_ack=True,
+        )
+        producer = AIOKafkaProducer(bootstrap_servers=self.s.kafka_bootstrap,
+                                    enable_idempotence=True, acks="all", **CLIENT_SIZES)
+        models = model_consumer(self.s.kafka_bootstrap)
+        await producer.start()
+        await models.start()
+        tp = TopicPartition(self.t.models, 0)
+        models.assign([tp])
+        await models.seek_to_beginning(tp)
+        # catch up on the model topic BEFORE taking updates, so the open round is known
+        mv, raw = await catch_up(models, self.t.models, self.keys.trust, self.s.model_name)
+        self.mqtt.start()
+        await self.mqtt.connected.wait()
+        if mv is not None:
+            try:
+                self._adopt(mv, raw)
+            except InvalidMessage as exc:
+                reject(SERVICE, exc, "latest model version")
+        tasks = [
+            asyncio.create_task(self._follow_models(models), name="models"),
+            asyncio.create_task(self._pump_updates(), name="updates"),
+            asyncio.create_task(self._rounds(producer), name="rounds"),
+        ]
+        log.info("%s: regional aggregator up (MQTT %s:%d, Kafka %s)", self.s.region,
+                 self.s.mqtt_host, self.s.mqtt_port, self.s.kafka_bootstrap)
+        try:
+            await self._stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await models.stop()
+            await producer.stop()
+            self.mqtt.stop()
+
+    def stop(self) -> None:
+        self._stop.set()

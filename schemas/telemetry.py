@@ -1,0 +1,43 @@
+"""Prometheus metrics shared by the three services (names are part of the operator contract).
+
+Each service calls :func:`serve` with ``--metrics-port`` to expose ``/metrics``; every rejected
+input bumps ``fedstream_rejected_total{service, reason}`` with the reason of its
+:class:`~schemas.errors.InvalidMessage`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from schemas.errors import InvalidMessage
+
+log = logging.getLogger("fedstream")
+
+REJECTED = Counter(
+    "fedstream_rejected_total", "Inputs rejected, by service and reason", ["service", "reason"]
+)
+ACCEPTED = Counter(
+    "fedstream_accepted_total", "Messages accepted, by service and kind", ["service", "kind"]
+)
+ROUND = Gauge("fedstream_round", "Round the service is working on", ["service"])
+BYTES = Counter(
+    "fedstream_bytes_total", "Payload bytes moved, by service and direction", ["service", "direction"]
+)
+ROUND_SECONDS = Histogram(
+    "fedstream_round_seconds", "Wall time of one round at the global aggregator",
+    buckets=(0.5, 1, 2, 5, 10, 20, 40, 80, 160),
+)
+
+
+def reject(service: str, exc: InvalidMessage, where: str = "") -> None:
+    """Count and log one rejected input; the caller carries on."""
+    REJECTED.labels(service, exc.reason).inc()
+    log.warning("%s rejected %s: %s", service, where or "input", exc)
+
+
+def serve(port: int | None) -> None:
+    if port:
+        start_http_server(port, addr="127.0.0.1")
+        log.info("metrics on http://127.0.0.1:%d/metrics", port)
