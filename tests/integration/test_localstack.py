@@ -486,11 +486,22 @@ def test_compose_file_consistent():
     scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
     built = {n: s for n, s in services.items() if "build" in s}
     assert {"keygen", "global-aggregator", "edge-agent", *regionals} <= set(built)
+    dockerfile_text = (root / "compose" / "Dockerfile").read_text()
     for n, s in built.items():
         cmd = s["command"] if isinstance(s["command"], list) else s["command"].split()
-        assert cmd[0] in scripts, (n, cmd[0])
         ctx = root / "compose" / s["build"]["context"]
         assert (ctx / s["build"]["dockerfile"]).exists(), n
+        target = s["build"].get("target", "service")
+        assert f" AS {target}" in dockerfile_text, (n, target)
+        if target == "service":
+            assert cmd[0] in scripts, (n, cmd[0])
+        else:  # the one-shot credentials script, copied into the credentials stage
+            assert (root / cmd[1].removeprefix("/app/")).exists(), (n, cmd)
+    assert "FROM python:3.11-slim" in dockerfile_text and "pip install" in dockerfile_text
+    for vol in services["mosquitto"]["volumes"]:
+        src = vol.split(":")[0]
+        if src.startswith("./"):
+            assert (root / "compose" / src).exists(), vol
 
     # MQTT: one listener per region in mosquitto.conf, each published by the mosquitto service
     conf = (root / "compose" / "mosquitto" / "mosquitto.conf").read_text()
