@@ -34,6 +34,10 @@ class RegionalSum:
         self.codec = codec
         self.round_id = round_id
         self._num_chunks: int = codec.num_chunks
+        # The codec's accumulator keeps the running sums deserialized (one deserialize and one
+        # add per ciphertext per update); codecs without one fall back to ``codec.add``.
+        make_acc = getattr(codec, "accumulator", None)
+        self._acc = make_acc() if make_acc is not None else None
         self._sums: list[bytes | None] = [None] * self._num_chunks
         self._folded: set[str] = set()
         self._pending: dict[str, dict[int, bytes]] = {}
@@ -75,6 +79,9 @@ class RegionalSum:
 
     def _fold(self, agent_id: str, chunks: dict[int, bytes]) -> None:
         for i in range(self._num_chunks):
+            if self._acc is not None:
+                self._acc.add(chunks[i])
+                continue
             acc = self._sums[i]
             self._sums[i] = chunks[i] if acc is None else self.codec.add(acc, chunks[i])
         self._folded.add(agent_id)
@@ -105,4 +112,6 @@ class RegionalSum:
         """
         if not self._folded:
             raise ValueError(f"round {self.round_id}: no complete agent update to sum yet")
+        if self._acc is not None:
+            return [self._acc.payload(i) for i in range(self._num_chunks)]
         return [s for s in self._sums if s is not None]
