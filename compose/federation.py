@@ -6,6 +6,7 @@ exactly as a deployment would run it; this module only starts, kills (by pid) an
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compose.localstack import terminate_pid
+from schemas.kafka import ensure_topics
+from schemas.topics import Topics
 
 
 @dataclass
@@ -75,7 +78,8 @@ class Federation:
         return proc
 
     def start_all(self) -> None:
-        """Regional aggregators first, then the global, then the edge agents."""
+        """Topics, then regional aggregators, then the global, then the edge agents."""
+        asyncio.run(ensure_topics(self.kafka, Topics(self.namespace)))
         for region in self.fleet:
             self.start(region)
         self.start("global")

@@ -18,7 +18,7 @@ def plot_rounds(history: list[dict], path: Path, *, title: str) -> Path:
     ax.plot(rounds, [h["server_accuracy"] for h in history], "o-", label="server test set")
     if all("federated_accuracy" in h for h in history):
         ax.plot(rounds, [h["federated_accuracy"] for h in history], "s--",
-                label="federated (agents' test sets)")
+                label="federated (agents' test sets, parent model)")
     ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="accuracy")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")

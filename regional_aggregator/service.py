@@ -26,7 +26,7 @@ from regional_aggregator.summing import RegionalSum
 from schemas import fedstream_pb2 as pb
 from schemas.codec import Codec
 from schemas.errors import InvalidMessage
-from schemas.kafka import CLIENT_SIZES, MAX_MESSAGE_BYTES, catch_up, model_consumer
+from schemas.kafka import CLIENT_SIZES, MAX_MESSAGE_BYTES, catch_up, ensure_topics, model_consumer
 from schemas.keyring import GLOBAL_ID, Keyring
 from schemas.mqtt import MqttLink
 from schemas.signing import header, open_envelope, seal
@@ -83,6 +83,7 @@ class RegionalAggregator:
             raise ValueError(f"trust store has no agents in region {settings.region!r}")
         self.agents = set(agents)
         self.round: _Round | None = None
+        self.closed_round = 0  # every round up to this one is over for this region
         self._round_changed = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -95,6 +96,7 @@ class RegionalAggregator:
         self.mqtt.publish(self.t.model(self.s.region), raw, retain=True)
         BYTES.labels(SERVICE, "mqtt_out").inc(len(raw))
         old = self.round
+        self.closed_round = max(self.closed_round, mv.provenance.round)
         if old and not old.flushed and old.pending:
             # a round can close without us (global deadline): its updates are obsolete now
             for msg in old.pending:
@@ -140,6 +142,8 @@ class RegionalAggregator:
         if up.agent_id != up.header.sender:
             raise InvalidMessage("sender_mismatch", "agent_id differs from the signer")
         r = self.round
+        if up.header.round <= self.closed_round:
+            raise InvalidMessage("late", f"update for round {up.header.round}, which is closed")
         if r is None:
             raise InvalidMessage("wrong_round", f"round {up.header.round} but no round is open")
         if up.header.round != r.task.round:
@@ -270,6 +274,7 @@ class RegionalAggregator:
             subscriptions=[self.t.updates(self.s.region)], loop=loop,
             persistent=True, manual_ack=True,
         )
+        await ensure_topics(self.s.kafka_bootstrap, self.t)
         producer = AIOKafkaProducer(bootstrap_servers=self.s.kafka_bootstrap,
                                     enable_idempotence=True, acks="all", **CLIENT_SIZES)
         models = model_consumer(self.s.kafka_bootstrap)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Topics:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.namespace):
-            raise ValueError(f"namespace {self.namespace!r}: use 1-64 of [A-Za-z0-9_.-]")
+            raise ValueError(f"namespace {self.namespace!r}: use 1-200 of [A-Za-z0-9_.-]")
 
     @property
     def partials(self) -> str:
