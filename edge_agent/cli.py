@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_agent.service import EdgeAgent, EdgeSettings
-from schemas.cli import EnvDefaults, host_port, run_service, setup_logging
+from schemas.cli import (
+    EnvDefaults,
+    add_mqtt_auth,
+    host_port,
+    mqtt_auth,
+    run_service,
+    setup_logging,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="testing: wait this long before publishing each update")
     ap.add_argument("--metrics-port", env="METRICS_PORT", type=int, default=None,
                     help="serve Prometheus metrics on this port")
+    add_mqtt_auth(ap)
     ap.add_argument("--namespace", env="FEDSTREAM_NAMESPACE", default="fedstream",
                     help="prefix of every MQTT and Kafka topic")
     ap.add_argument("--log-level", env="LOG_LEVEL", default="info")
@@ -42,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         agent_id=a.agent_id, region=a.region, mqtt_host=a.mqtt[0], mqtt_port=a.mqtt[1],
         keys_dir=a.keys, num_agents=a.num_agents, partition=a.partition, alpha=a.alpha,
         data_seed=a.data_seed, task_name=a.task, straggle_s=a.straggle_s,
-        metrics_port=a.metrics_port, namespace=a.namespace,
+        metrics_port=a.metrics_port, namespace=a.namespace, **mqtt_auth(a),
     ))
     run_service(agent.run, agent.stop)
 

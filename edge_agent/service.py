@@ -49,6 +49,9 @@ class EdgeSettings:
     straggle_s: float = 0.0  # test hook: wait this long before publishing (a slow device)
     metrics_port: int | None = None
     namespace: str = "fedstream"
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    mqtt_ca_file: Path | None = None
 
     @property
     def agent_index(self) -> int:
@@ -163,6 +166,8 @@ class EdgeAgent:
             client_id=f"{self.s.namespace}-edge-{self.s.agent_id}",
             subscriptions=[self.t.model(self.s.region), self.t.receipts(self.s.region)],
             loop=loop, persistent=False, on_connect=self._republish,
+            username=self.s.mqtt_username, password=self.s.mqtt_password,
+            ca_file=self.s.mqtt_ca_file,
         )
         self.mqtt.start()
         work: asyncio.Task | None = None

@@ -13,13 +13,15 @@ partials of a round (``GlobalRound.finish``), never a single region's sum.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
 
 from edge_agent.data import TASKS, server_test_set
 from edge_agent.models import init_params, make_spec
@@ -40,7 +42,7 @@ from schemas.kafka import CLIENT_SIZES, CONSUMER_SIZES, MAX_MESSAGE_BYTES, ensur
 from schemas.keyring import GLOBAL_ID, Keyring
 from schemas.signing import header, open_envelope, seal
 from schemas.task import codec_params, codec_spec
-from schemas.telemetry import ACCEPTED, BYTES, ROUND, ROUND_SECONDS, reject, serve
+from schemas.telemetry import ACCEPTED, BYTES, KAFKA_RETRIES, ROUND, ROUND_SECONDS, reject, serve
 from schemas.topics import Topics
 
 log = logging.getLogger("fedstream.global")
@@ -67,6 +69,7 @@ class GlobalSettings:
     train: LocalTrainConfig = field(default_factory=LocalTrainConfig)
     metrics_port: int | None = None
     namespace: str = "fedstream"
+    kafka_retry_s: float = 2.0
 
     @property
     def transactional_id(self) -> str:
@@ -158,30 +161,54 @@ class GlobalAggregator:
     # -- the loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Run rounds until the final version; after a Kafka failure, resume from the topics."""
         serve(self.s.metrics_port)
+        stop = asyncio.create_task(self._stop.wait(), name="stop")
+        try:
+            while not self.done.is_set():
+                session = asyncio.create_task(self._session(), name="session")
+                await asyncio.wait({session, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not session.done():
+                    session.cancel()
+                    await asyncio.gather(session, return_exceptions=True)
+                    return
+                try:
+                    session.result()
+                except ProducerFenced:
+                    log.error("another global aggregator took over this transactional id")
+                    raise
+                except KafkaError as exc:
+                    KAFKA_RETRIES.labels(SERVICE).inc()
+                    log.warning("Kafka failed (%s: %s); resuming from the topics", type(exc).__name__,
+                                exc)
+                    await asyncio.sleep(self.s.kafka_retry_s)
+        finally:
+            stop.cancel()
+
+    async def _session(self) -> None:
+        """One incarnation of the Kafka clients. The transactional producer's start fences (and
+        aborts the open transaction of) any older incarnation; the partials are read from the
+        offsets committed with the last model version, by manual assignment (no group rebalance
+        to wait for after a crash)."""
         await ensure_topics(self.s.kafka_bootstrap, self.t)
         producer = AIOKafkaProducer(
             bootstrap_servers=self.s.kafka_bootstrap, transactional_id=self.s.transactional_id,
             enable_idempotence=True, acks="all", **CLIENT_SIZES,
         )
-        await producer.start()  # fences any older incarnation with the same transactional id
         consumer = AIOKafkaConsumer(
-            self.t.partials, bootstrap_servers=self.s.kafka_bootstrap, group_id=self.s.group_id,
+            bootstrap_servers=self.s.kafka_bootstrap, group_id=self.s.group_id,
             isolation_level="read_committed", enable_auto_commit=False,
             auto_offset_reset="earliest", **CONSUMER_SIZES,
         )
-        await consumer.start()
-        rounds = asyncio.create_task(self._rounds(producer, consumer), name="rounds")
-        stop = asyncio.create_task(self._stop.wait(), name="stop")
         try:
-            await asyncio.wait({rounds, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if rounds.done():
-                rounds.result()  # surface a crash
-            rounds.cancel()
-            stop.cancel()
+            await producer.start()
+            await consumer.start()
+            consumer.assign([TopicPartition(self.t.partials, 0)])
+            await self._rounds(producer, consumer)
         finally:
-            await consumer.stop()
-            await producer.stop()
+            for client in (consumer, producer):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.stop(), 5)
 
     async def _publish(self, producer: AIOKafkaProducer, mv: pb.ModelVersion,
                        consumer: AIOKafkaConsumer | None) -> bytes:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from regional_aggregator.service import RegionalAggregator, RegionalSettings
-from schemas.cli import EnvDefaults, host_port, run_service, setup_logging
+from schemas.cli import (
+    EnvDefaults,
+    add_mqtt_auth,
+    host_port,
+    mqtt_auth,
+    run_service,
+    setup_logging,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="reject larger MQTT messages")
     ap.add_argument("--metrics-port", env="METRICS_PORT", type=int, default=None,
                     help="serve Prometheus metrics on this port")
+    add_mqtt_auth(ap)
     ap.add_argument("--namespace", env="FEDSTREAM_NAMESPACE", default="fedstream",
                     help="prefix of every MQTT and Kafka topic")
     ap.add_argument("--log-level", env="LOG_LEVEL", default="info")
@@ -36,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     svc = RegionalAggregator(RegionalSettings(
         region=a.region, mqtt_host=a.mqtt[0], mqtt_port=a.mqtt[1], kafka_bootstrap=a.kafka,
         keys_dir=a.keys, model_name=a.model, min_agents_per_partial=a.min_agents_per_partial,
-        max_message_bytes=a.max_message_bytes, metrics_port=a.metrics_port, namespace=a.namespace,
+        max_message_bytes=a.max_message_bytes, metrics_port=a.metrics_port, namespace=a.namespace, **mqtt_auth(a),
     ))
     run_service(svc.run, svc.stop)
 

@@ -31,7 +31,7 @@ from schemas.keyring import GLOBAL_ID, Keyring
 from schemas.mqtt import MqttLink
 from schemas.signing import header, open_envelope, seal
 from schemas.task import codec_params
-from schemas.telemetry import ACCEPTED, BYTES, ROUND, reject, serve
+from schemas.telemetry import ACCEPTED, BYTES, KAFKA_RETRIES, ROUND, reject, serve
 from schemas.topics import Topics
 
 log = logging.getLogger("fedstream.regional")
@@ -50,6 +50,10 @@ class RegionalSettings:
     max_message_bytes: int = 4 << 20
     metrics_port: int | None = None
     kafka_retry_s: float = 1.0
+    kafka_timeout_s: float = 10.0  # one send's budget before we retry with a new producer
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    mqtt_ca_file: Path | None = None
     namespace: str = "fedstream"
 
     def __post_init__(self) -> None:
@@ -84,6 +88,9 @@ class RegionalAggregator:
         self.agents = set(agents)
         self.round: _Round | None = None
         self.closed_round = 0  # every round up to this one is over for this region
+        self._model_raw: bytes | None = None
+        self._receipt_raw: bytes | None = None
+        self._producer: AIOKafkaProducer | None = None
         self._round_changed = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -93,6 +100,7 @@ class RegionalAggregator:
         """Start the round carried by a newer model version and relay it to the edge."""
         if self.round and mv.header.model_version <= self.round.model.header.model_version:
             return
+        self._model_raw = raw
         self.mqtt.publish(self.t.model(self.s.region), raw, retain=True)
         BYTES.labels(SERVICE, "mqtt_out").inc(len(raw))
         old = self.round
@@ -119,16 +127,31 @@ class RegionalAggregator:
         self._round_changed.set()
 
     async def _follow_models(self, consumer: AIOKafkaConsumer) -> None:
-        async for rec in consumer:
+        while True:
             try:
-                mv = open_envelope(rec.value, pb.MODEL_VERSION, self.keys.trust,
-                                   max_bytes=MAX_MESSAGE_BYTES).body
-                if mv.header.sender != GLOBAL_ID:
-                    raise InvalidMessage("unauthorized", f"model signed by {mv.header.sender!r}")
-                if mv.model_name == self.s.model_name:
-                    self._adopt(mv, rec.value)
-            except InvalidMessage as exc:
-                reject(SERVICE, exc, f"model record {rec.offset}")
+                async for rec in consumer:
+                    try:
+                        mv = open_envelope(rec.value, pb.MODEL_VERSION, self.keys.trust,
+                                           max_bytes=MAX_MESSAGE_BYTES).body
+                        if mv.header.sender != GLOBAL_ID:
+                            raise InvalidMessage("unauthorized",
+                                                 f"model signed by {mv.header.sender!r}")
+                        if mv.model_name == self.s.model_name:
+                            self._adopt(mv, rec.value)
+                    except InvalidMessage as exc:
+                        reject(SERVICE, exc, f"model record {rec.offset}")
+            except KafkaError as exc:  # the consumer reconnects by itself; keep following
+                KAFKA_RETRIES.labels(SERVICE).inc()
+                log.warning("%s: model topic read failed (%s); retrying", self.s.region, exc)
+                await asyncio.sleep(self.s.kafka_retry_s)
+
+    def _on_reconnect(self) -> None:
+        """Paho thread, after each MQTT (re)connect: make sure the broker has our retained state
+        (a broker killed before it saved loses the last retained messages)."""
+        if self._model_raw is not None:
+            self.mqtt.publish(self.t.model(self.s.region), self._model_raw, retain=True)
+        if self._receipt_raw is not None:
+            self.mqtt.publish(self.t.receipts(self.s.region), self._receipt_raw, retain=True)
 
     # -- updates: MQTT -> running sum ----------------------------------------------------------
 
@@ -193,7 +216,7 @@ class RegionalAggregator:
 
     # -- flush: Kafka commit, then acks and receipts -------------------------------------------
 
-    async def _flush(self, producer: AIOKafkaProducer, r: _Round) -> None:
+    async def _flush(self, r: _Round) -> None:
         agents = sorted(r.summer.agents)
         enough = len(agents) >= self.s.min_agents_per_partial
         if enough:
@@ -212,7 +235,7 @@ class RegionalAggregator:
                 update_bytes=r.update_bytes if (i == 0 and enough) else 0,
             )
             raw = seal(pb.PARTIAL_CHUNK, part, self.s.region, self.keys.private_key)
-            await self._send_until_committed(producer, raw, f"{r.task.round}/{self.s.region}/{i}")
+            await self._send_until_committed(raw, f"{r.task.round}/{self.s.region}/{i}")
             BYTES.labels(SERVICE, "kafka_out").inc(len(raw))
         # committed: now (and only now) the broker may forget the updates
         r.flushed = True
@@ -224,13 +247,30 @@ class RegionalAggregator:
         log.info("%s round %d: partial of %d agents committed", self.s.region, r.task.round,
                  len(agents))
 
-    async def _send_until_committed(self, producer: AIOKafkaProducer, raw: bytes, key: str) -> None:
+    async def _new_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.s.kafka_bootstrap, enable_idempotence=True, acks="all",
+            request_timeout_ms=int(self.s.kafka_timeout_s * 1000), **CLIENT_SIZES,
+        )
+        await producer.start()
+        return producer
+
+    async def _send_until_committed(self, raw: bytes, key: str) -> None:
+        """Write one partial chunk; while Kafka is away keep trying (nothing is acked yet)."""
         while True:
             try:
-                await producer.send_and_wait(self.t.partials, raw, key=key.encode())
+                if self._producer is None:
+                    self._producer = await self._new_producer()
+                await self._producer.send_and_wait(self.t.partials, raw, key=key.encode())
                 return
-            except KafkaError as exc:  # broker away: nothing is acked, so keep trying
-                log.warning("%s: Kafka send failed (%s); retrying", self.s.region, exc)
+            except KafkaError as exc:
+                KAFKA_RETRIES.labels(SERVICE).inc()
+                log.warning("%s: Kafka send failed (%s: %s); retrying with a new producer",
+                            self.s.region, type(exc).__name__, exc)
+                if self._producer is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._producer.stop(), 5)
+                    self._producer = None
                 await asyncio.sleep(self.s.kafka_retry_s)
 
     def _publish_receipt(self, r: _Round) -> None:
@@ -239,10 +279,10 @@ class RegionalAggregator:
                           r.task.he_fingerprint),
             region=self.s.region, agents=r.committed_agents,
         )
-        self.mqtt.publish(self.t.receipts(self.s.region),
-                          seal(pb.RECEIPT, rc, self.s.region, self.keys.private_key), retain=True)
+        self._receipt_raw = seal(pb.RECEIPT, rc, self.s.region, self.keys.private_key)
+        self.mqtt.publish(self.t.receipts(self.s.region), self._receipt_raw, retain=True)
 
-    async def _rounds(self, producer: AIOKafkaProducer) -> None:
+    async def _rounds(self) -> None:
         while not self._stop.is_set():
             r = self.round
             if r is None or r.flushed:
@@ -251,7 +291,7 @@ class RegionalAggregator:
                 continue
             complete = set(r.summer.agents) >= r.expected
             if complete or time.time() >= r.task.deadline_unix:
-                await self._flush(producer, r)
+                await self._flush(r)
                 continue
             self._round_changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -272,13 +312,13 @@ class RegionalAggregator:
             host=self.s.mqtt_host, port=self.s.mqtt_port,
             client_id=f"{self.s.namespace}-regional-{self.s.region}",
             subscriptions=[self.t.updates(self.s.region)], loop=loop,
-            persistent=True, manual_ack=True,
+            persistent=True, manual_ack=True, on_connect=self._on_reconnect,
+            username=self.s.mqtt_username, password=self.s.mqtt_password,
+            ca_file=self.s.mqtt_ca_file,
         )
         await ensure_topics(self.s.kafka_bootstrap, self.t)
-        producer = AIOKafkaProducer(bootstrap_servers=self.s.kafka_bootstrap,
-                                    enable_idempotence=True, acks="all", **CLIENT_SIZES)
+        self._producer = await self._new_producer()
         models = model_consumer(self.s.kafka_bootstrap)
-        await producer.start()
         await models.start()
         tp = TopicPartition(self.t.models, 0)
         models.assign([tp])
@@ -295,18 +335,25 @@ class RegionalAggregator:
         tasks = [
             asyncio.create_task(self._follow_models(models), name="models"),
             asyncio.create_task(self._pump_updates(), name="updates"),
-            asyncio.create_task(self._rounds(producer), name="rounds"),
+            asyncio.create_task(self._rounds(), name="rounds"),
         ]
         log.info("%s: regional aggregator up (MQTT %s:%d, Kafka %s)", self.s.region,
                  self.s.mqtt_host, self.s.mqtt_port, self.s.kafka_bootstrap)
+        stop = asyncio.create_task(self._stop.wait(), name="stop")
         try:
-            await self._stop.wait()
+            done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stop:
+                    t.result()  # a task died: surface it, so the process exits non-zero
         finally:
-            for t in tasks:
+            for t in [*tasks, stop]:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await models.stop()
-            await producer.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(models.stop(), 5)
+            if self._producer is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._producer.stop(), 5)
             self.mqtt.stop()
 
     def stop(self) -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -35,6 +36,21 @@ def host_port(value: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host, int(port)
+
+
+def add_mqtt_auth(ap: EnvDefaults) -> None:
+    """Per-identity MQTT credentials and TLS, as the compose stack's Mosquitto requires."""
+    ap.add_argument("--mqtt-username", env="MQTT_USERNAME", default=None, help="MQTT user name")
+    ap.add_argument("--mqtt-password-file", env="MQTT_PASSWORD_FILE", type=Path, default=None,
+                    help="file holding the MQTT password")
+    ap.add_argument("--mqtt-ca-file", env="MQTT_CA_FILE", type=Path, default=None,
+                    help="CA certificate: connect with TLS and verify the broker")
+
+
+def mqtt_auth(a: argparse.Namespace) -> dict[str, Any]:
+    password = a.mqtt_password_file.read_text().strip() if a.mqtt_password_file else None
+    return {"mqtt_username": a.mqtt_username, "mqtt_password": password,
+            "mqtt_ca_file": a.mqtt_ca_file}
 
 
 def setup_logging(level: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
@@ -42,6 +43,7 @@ class MqttLink:
         on_connect: Callable[[], None] | None = None,
         username: str | None = None,
         password: str | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.inbox: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue()
         self.connected = asyncio.Event()
@@ -57,6 +59,8 @@ class MqttLink:
         )
         if username:
             self.client.username_pw_set(username, password)
+        if ca_file:
+            self.client.tls_set(ca_certs=str(ca_file))
         self.client.manual_ack_set(manual_ack)
         self.client.max_inflight_messages_set(0)  # 0 = no client-side cap on our own QoS 1 sends
         self.client.max_queued_messages_set(0)

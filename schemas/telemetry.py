@@ -25,6 +25,9 @@ ROUND = Gauge("fedstream_round", "Round the service is working on", ["service"])
 BYTES = Counter(
     "fedstream_bytes_total", "Payload bytes moved, by service and direction", ["service", "direction"]
 )
+KAFKA_RETRIES = Counter(
+    "fedstream_kafka_retries_total", "Kafka operations retried after an error", ["service"]
+)
 ROUND_SECONDS = Histogram(
     "fedstream_round_seconds", "Wall time of one round at the global aggregator",
     buckets=(0.5, 1, 2, 5, 10, 20, 40, 80, 160),
