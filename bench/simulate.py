@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = Table(title=f"digits, Dirichlet(0.5), 20 agents / 4 regions, {args.rounds} rounds, "
                   f"{results['encrypted_8bit']['num_params']} params")
-    table.add_column("run")
+    table.add_column("run", no_wrap=True, min_width=17)
     for col in ("final acc", "rounds→90%", "MB up/round", *(f"{p} s" for p in PHASES)):
         table.add_column(col, justify="right")
     for name, r in results.items():
