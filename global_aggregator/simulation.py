@@ -35,6 +35,7 @@ from edge_agent.models import ModelSpec, init_params
 from edge_agent.partition import assign_regions
 from edge_agent.train import LocalTrainConfig, evaluate, local_seed, train_local
 from global_aggregator.combine import GlobalRound
+from global_aggregator.sampling import sample_indices
 from global_aggregator.strategies import init_state, make_server_optimizer, server_step
 from regional_aggregator.summing import RegionalSum
 
@@ -144,12 +145,9 @@ class SimResult:
 
 
 def sample_round(cfg: SimConfig, round_id: int) -> tuple[list[int], list[int]]:
-    """``(sampled agent indices, those that deliver)`` of a round; seeded, sorted."""
-    rng = np.random.default_rng([cfg.seed, round_id, 0x5A])
-    m = max(1, int(round(cfg.clients_per_round * cfg.num_agents)))
-    sampled = sorted(rng.choice(cfg.num_agents, size=m, replace=False).tolist())
-    keep = rng.random(len(sampled)) >= cfg.dropout
-    return sampled, [a for a, k in zip(sampled, keep, strict=True) if k]
+    """``(sampled agent indices, those that deliver)`` of a round; seeded, sorted; the same
+    choice the global aggregator service makes (:mod:`global_aggregator.sampling`)."""
+    return sample_indices(cfg.num_agents, cfg.clients_per_round, cfg.seed, round_id, cfg.dropout)
 
 
 def initial_model(cfg: SimConfig) -> tuple[np.ndarray, ModelSpec]:

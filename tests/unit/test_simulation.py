@@ -73,3 +73,14 @@ def test_encrypted_8bit_matches_plaintext_float32_on_non_iid_digits():
     assert ref_acc >= 0.90 and enc_acc >= 0.90
     assert abs(enc_acc - ref_acc) <= 0.01
     assert rounds_to_reach(encrypted.history, 0.9) is not None
+
+
+def test_service_selects_the_agents_the_simulation_samples():
+    from global_aggregator.sampling import select_agents
+    from global_aggregator.simulation import agent_id
+
+    cfg = SimConfig(num_agents=12, clients_per_round=0.5, dropout=0.3)
+    fleet = [agent_id(i) for i in range(12)]
+    for r in range(1, 6):
+        sampled, _ = sample_round(cfg, r)
+        assert select_agents(fleet[::-1], 0.5, cfg.seed, r) == [agent_id(i) for i in sampled]
