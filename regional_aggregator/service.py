@@ -1,8 +1,9 @@
 """The regional aggregator: MQTT in (manual ack), homomorphic running sum, Kafka out.
 
 Delivery: the MQTT session is persistent and every update is acknowledged only after the partial
-sum containing it has been written to Kafka (idempotent producer, ``acks=all``). If this process
-dies first, Mosquitto redelivers every unacknowledged update to the next incarnation, which rebuilds
+sum containing it has been committed to Kafka (one transaction per partial, so a multi-chunk
+partial is written whole or not at all; the transactional id fences a zombie incarnation of the
+same region). If this process dies first, Mosquitto redelivers every unacknowledged update to the next incarnation, which rebuilds
 the same sum; duplicates by (round, agent, chunk) are dropped, and the global aggregator drops a
 second partial for the same (round, region). Receipts naming the committed agents are published
 after the commit, so edge agents can forget their update.
@@ -50,7 +51,7 @@ class RegionalSettings:
     max_message_bytes: int = 4 << 20
     metrics_port: int | None = None
     kafka_retry_s: float = 1.0
-    kafka_timeout_s: float = 10.0  # one send's budget before we retry with a new producer
+    kafka_timeout_s: float = 10.0  # one request's budget before we retry with a new producer
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     mqtt_ca_file: Path | None = None
@@ -227,6 +228,7 @@ class RegionalAggregator:
             payloads, agents = [b""], []
         fp = r.task.he_fingerprint
         mv = r.model.header.model_version
+        records = []
         for i, payload in enumerate(payloads):
             part = pb.PartialChunk(
                 header=header(self.s.region, r.task.round, mv, fp, i, len(payloads)),
@@ -235,8 +237,9 @@ class RegionalAggregator:
                 update_bytes=r.update_bytes if (i == 0 and enough) else 0,
             )
             raw = seal(pb.PARTIAL_CHUNK, part, self.s.region, self.keys.private_key)
-            await self._send_until_committed(raw, f"{r.task.round}/{self.s.region}/{i}")
-            BYTES.labels(SERVICE, "kafka_out").inc(len(raw))
+            records.append((f"{r.task.round}/{self.s.region}/{i}".encode(), raw))
+        await self._commit_partial(records)
+        BYTES.labels(SERVICE, "kafka_out").inc(sum(len(raw) for _, raw in records))
         # committed: now (and only now) the broker may forget the updates
         r.flushed = True
         r.committed_agents = agents
@@ -248,24 +251,30 @@ class RegionalAggregator:
                  len(agents))
 
     async def _new_producer(self) -> AIOKafkaProducer:
+        """A transactional producer: starting it fences (and aborts the open transaction of) any
+        older incarnation of this region, so a partial is written whole or not at all."""
         producer = AIOKafkaProducer(
             bootstrap_servers=self.s.kafka_bootstrap, enable_idempotence=True, acks="all",
+            transactional_id=f"{self.s.namespace}-regional-{self.s.region}",
             request_timeout_ms=int(self.s.kafka_timeout_s * 1000), **CLIENT_SIZES,
         )
         await producer.start()
         return producer
 
-    async def _send_until_committed(self, raw: bytes, key: str) -> None:
-        """Write one partial chunk; while Kafka is away keep trying (nothing is acked yet)."""
+    async def _commit_partial(self, records: list[tuple[bytes, bytes]]) -> None:
+        """Write every chunk of a partial in one Kafka transaction; while Kafka is away, keep
+        trying with a fresh producer (nothing has been acked to MQTT yet)."""
         while True:
             try:
                 if self._producer is None:
                     self._producer = await self._new_producer()
-                await self._producer.send_and_wait(self.t.partials, raw, key=key.encode())
+                async with self._producer.transaction():
+                    for key, raw in records:
+                        await self._producer.send(self.t.partials, raw, key=key)
                 return
             except KafkaError as exc:
                 KAFKA_RETRIES.labels(SERVICE).inc()
-                log.warning("%s: Kafka send failed (%s: %s); retrying with a new producer",
+                log.warning("%s: Kafka write failed (%s: %s); retrying with a new producer",
                             self.s.region, type(exc).__name__, exc)
                 if self._producer is not None:
                     with contextlib.suppress(Exception):
