@@ -49,14 +49,18 @@ _DTYPES = {1: np.dtype("<i1"), 2: np.dtype("<i2"), 8: np.dtype("<i8")}
 _ZSTD_LEVEL = 1
 _SLACK = 1024                    # header + zstd framing allowance per chunk
 
-#: Fresh public-key encryption noise, measured: std 0.0026 of a decoded real at CKKS scale 2**18
-#: (so 0.0026 * 2**18 / scale at any scale), growing as sqrt(summands). Rounded up.
-NOISE_AT_UNIT_SCALE = 800.0
-#: A sum is only accepted if its noise std is below 1/16: the 0.5 rounding margin is 8 sigma.
+#: Worst-slot std of the decoding error of ONE fresh public-key ciphertext, times the CKKS scale.
+#: Measured (3 keys, 40 x 64-ciphertext sums): average slot 0.0036 * 8, worst slot 0.152 / 8 at
+#: scale 2**17, i.e. 2,490 at unit scale. The noise is ``r0 + r1 * s`` (rounding after the special
+#: prime division), so slots where the secret key's embedding ``|s(zeta_j)|`` is large are ~4x
+#: noisier than average. Rounded up. Sums of S ciphertexts have sqrt(S) times this.
+NOISE_AT_UNIT_SCALE = 2600.0
+#: A sum is only accepted if its worst-slot noise std is <= 1/16: rounding margin 0.5 = 8 sigma.
 MAX_NOISE_STD = 1.0 / 16.0
-#: Measured: decoding breaks once scale * |slot| reaches q0/2 (~2**59). The planner keeps
-#: sqrt(2) * max|real or imag part| * scale under q0 / (2 * 1.25).
-OVERFLOW_MARGIN = 1.25
+#: Measured: decoding breaks once a plaintext coefficient ``scale * (...)`` reaches q0/2 (~2**59).
+#: The planner keeps a bound on every coefficient below q0 / (2 * 1.1).
+OVERFLOW_MARGIN = 1.1
+MAX_HE_SCALE = 2.0**30
 MAX_LANES = 4
 
 
@@ -137,10 +141,12 @@ def plan_ckks(params: CodecParams, num_params: int, q0: int, slots: int) -> Plan
     """
     s = params.max_summands
     width = packing.lane_bits(params.bits, s)
+    reals_per_ct = 2 * slots
     min_scale = NOISE_AT_UNIT_SCALE * math.sqrt(s) / MAX_NOISE_STD
     for lanes in range(MAX_LANES, 0, -1):
         vmax = max(packing.packed_max(params.bits, s, lanes, width), s * params.weight_cap)
-        max_scale = q0 / (2 * OVERFLOW_MARGIN * math.sqrt(2) * vmax)
+        bound = coefficient_bound(params, lanes, width, reals_per_ct)
+        max_scale = min(q0 / (2 * OVERFLOW_MARGIN * bound), MAX_HE_SCALE)
         if max_scale < 1:
             continue
         he_scale = 2.0 ** (math.floor(4 * math.log2(max_scale)) / 4)   # quarter-bit grid
@@ -160,6 +166,32 @@ def plan_ckks(params: CodecParams, num_params: int, q0: int, slots: int) -> Plan
                 cts_per_chunk=cts_per_chunk, params_per_chunk=reals_per_chunk * lanes,
                 num_chunks=-(-num_reals // reals_per_chunk), he_scale=he_scale,
                 reals_per_ct=reals_per_ct, num_reals=num_reals)
+
+
+def ct_l2_bound(params: CodecParams, values_per_ct: int) -> float:
+    """Bound on ``||q||_2`` over the values of one ciphertext of one update.
+
+    ``||y||_2 <= clip_l2 / scale`` after clipping and weighting, and stochastic rounding moves
+    each value by less than 1, so ``||q_ct||_2 <= clip_l2 / scale + sqrt(values_per_ct)``.
+    """
+    return params.clip_l2 / params.scale * (1 + 1e-9) + math.sqrt(values_per_ct)
+
+
+def coefficient_bound(params: CodecParams, lanes: int, width: int, reals_per_ct: int) -> float:
+    """Bound on ``|m_i| / scale`` for every coefficient of a summed plaintext.
+
+    With slots ``z_j`` (N/2 of them), ``m_i = (2 scale / N) Re sum_j z_j zeta_j^-i``, so
+    ``|m_i| / scale <= min(sqrt(2) max|z_j|, sqrt(2/N) ||reals||_2)`` (Cauchy-Schwarz). The first
+    uses the per-coordinate bound (every lane sum ``<= M``), the second the L2 clip: a lane of a
+    sum has ``||.||_2 <= min(S * ct_l2_bound, M sqrt(reals))``.
+    """
+    s = params.max_summands
+    m = packing.lane_max(params.bits, s)
+    vmax = max(packing.packed_max(params.bits, s, lanes, width), s * params.weight_cap)
+    lane_l2 = min(s * ct_l2_bound(params, reals_per_ct * lanes), m * math.sqrt(reals_per_ct))
+    reals_l2 = s * params.weight_cap + lane_l2 * sum(2.0 ** (width * k) for k in range(lanes))
+    n = float(reals_per_ct)            # poly degree N: N/2 complex slots = N reals
+    return min(math.sqrt(2) * vmax, math.sqrt(2 / n) * reals_l2)
 
 
 def plan_plain(params: CodecParams, num_params: int) -> Plan:
@@ -259,6 +291,13 @@ class Codec:
         bound = quantize.qmax(self.params.bits)
         if q.size and (int(q.max()) > bound or int(q.min()) < -bound):
             raise InvalidMessage("out_of_range", f"q exceeds +-{bound}")
+        if self._mode == MODE_CKKS:
+            vpc = self.plan.values_per_ct
+            qf = np.zeros(-(-(q.shape[0] + self.plan.lanes) // vpc) * vpc)
+            qf[self.plan.lanes:self.plan.lanes + q.shape[0]] = q
+            norms = np.sqrt(np.einsum("ij,ij->i", qf.reshape(-1, vpc), qf.reshape(-1, vpc)))
+            if float(norms.max()) > ct_l2_bound(self.params, vpc):
+                raise InvalidMessage("out_of_range", "q exceeds the L2 clip bound of the plan")
         if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) \
                 or not 1 <= weight <= self.params.weight_cap:
             raise InvalidMessage("bad_weight", f"weight must be in 1..{self.params.weight_cap}")
