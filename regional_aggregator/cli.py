@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="reject larger MQTT messages")
     ap.add_argument("--metrics-port", env="METRICS_PORT", type=int, default=None,
                     help="serve Prometheus metrics on this port")
+    ap.add_argument("--kafka-budget-s", env="KAFKA_BUDGET_S", type=float, default=15.0,
+                    help="seconds one attempt to commit a partial may take before it is retried "
+                    "with a new producer")
     add_mqtt_auth(ap)
     ap.add_argument("--namespace", env="FEDSTREAM_NAMESPACE", default="fedstream",
                     help="prefix of every MQTT and Kafka topic")
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     svc = RegionalAggregator(RegionalSettings(
         region=a.region, mqtt_host=a.mqtt[0], mqtt_port=a.mqtt[1], kafka_bootstrap=a.kafka,
         keys_dir=a.keys, model_name=a.model, min_agents_per_partial=a.min_agents_per_partial,
-        max_message_bytes=a.max_message_bytes, metrics_port=a.metrics_port, namespace=a.namespace, **mqtt_auth(a),
+        max_message_bytes=a.max_message_bytes, kafka_budget_s=a.kafka_budget_s,
+        metrics_port=a.metrics_port, namespace=a.namespace, **mqtt_auth(a),
     ))
     run_service(svc.run, svc.stop)
 

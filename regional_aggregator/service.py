@@ -51,7 +51,8 @@ class RegionalSettings:
     max_message_bytes: int = 4 << 20
     metrics_port: int | None = None
     kafka_retry_s: float = 1.0
-    kafka_timeout_s: float = 10.0  # one request's budget before we retry with a new producer
+    kafka_timeout_s: float = 10.0  # one Kafka request's timeout
+    kafka_budget_s: float = 15.0  # one attempt to commit a partial, before a new producer
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     mqtt_ca_file: Path | None = None
@@ -262,20 +263,26 @@ class RegionalAggregator:
         return producer
 
     async def _commit_partial(self, records: list[tuple[bytes, bytes]]) -> None:
-        """Write every chunk of a partial in one Kafka transaction; while Kafka is away, keep
-        trying with a fresh producer (nothing has been acked to MQTT yet)."""
+        """Write every chunk of a partial in one Kafka transaction. Each attempt has a budget of
+        ``kafka_budget_s``; past it (Kafka away or unreachable) the producer is replaced, which
+        fences the old one, and the partial is written again. Nothing has been acked to MQTT yet,
+        so waiting costs only time."""
+
+        async def attempt() -> None:
+            if self._producer is None:
+                self._producer = await self._new_producer()
+            async with self._producer.transaction():
+                for key, raw in records:
+                    await self._producer.send(self.t.partials, raw, key=key)
+
         while True:
             try:
-                if self._producer is None:
-                    self._producer = await self._new_producer()
-                async with self._producer.transaction():
-                    for key, raw in records:
-                        await self._producer.send(self.t.partials, raw, key=key)
+                await asyncio.wait_for(attempt(), self.s.kafka_budget_s)
                 return
-            except KafkaError as exc:
+            except (KafkaError, TimeoutError) as exc:
                 KAFKA_RETRIES.labels(SERVICE).inc()
                 log.warning("%s: Kafka write failed (%s: %s); retrying with a new producer",
-                            self.s.region, type(exc).__name__, exc)
+                            self.s.region, type(exc).__name__, exc or "over budget")
                 if self._producer is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(self._producer.stop(), 5)
