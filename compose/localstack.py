@@ -49,8 +49,8 @@ KAFKA_LIBS = Path(
 )
 JAVA_BIN = os.environ.get("FEDSTREAM_JAVA", shutil.which("java") or "java")
 
-# MQTT packets carry update chunks of about 1 MB; leave room for 2 MB payloads plus headers.
-MQTT_MAX_PACKET_SIZE = 2 * 1024 * 1024 + 64 * 1024
+# MQTT packets carry update chunks of about 1 MB and retained model versions of several MB.
+MQTT_MAX_PACKET_SIZE = 64 * 1024 * 1024  # model versions of 1M+ parameters are several MB
 # Kafka: partials / model versions are chunked to about 1 MB, allow up to 8 MB per record batch.
 KAFKA_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -307,7 +307,7 @@ max_queued_messages 0
 max_queued_bytes 0
 queue_qos0_messages false
 retain_available true
-# ~2 MB payloads (update chunks are ~1 MB)
+# update chunks are ~1 MB; retained model versions of 1M+ parameters are several MB
 max_packet_size {MQTT_MAX_PACKET_SIZE}
 set_tcp_nodelay true
 max_keepalive 65535

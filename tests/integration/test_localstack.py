@@ -152,13 +152,14 @@ def test_mqtt_qos1_round_trip_each_region(stack, topic_prefix, region):
 
 @pytest.mark.network
 def test_mqtt_large_packet_allowed(stack, topic_prefix):
-    """Update chunks are ~1 MB; the listener accepts 2 MB payloads."""
+    """Update chunks are ~1 MB and a retained 1M-parameter model version is ~4 MB (8 MB with
+    Adam's state): the listener accepts 8 MB payloads."""
     host, port = stack.mqtt["region-0"]
     topic = f"fedstream/region-0/updates/{topic_prefix}"
     sub = Sub(host, port, f"big-{topic_prefix}", clean=True, ack=True).connect(subscribe=topic)
     try:
         time.sleep(0.1)
-        sent = publish_all(host, port, topic, 1, size=2 * 1024 * 1024)
+        sent = publish_all(host, port, topic, 1, size=8 * 1024 * 1024)
         got = sub.wait_for(1, 10)
         assert len(got) == 1 and got[0].payload == sent[0]
     finally:
