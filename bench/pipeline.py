@@ -6,15 +6,13 @@ One run, three parts, all traffic on 127.0.0.1:
    regional, 30 edge-agent processes, 10 per region) for a few rounds, once with CKKS and once in
    plaintext mode. Seconds per round come from the model versions' ``created_unix`` (round 1
    includes the agents' process start-up and JIT, so it is reported apart from the steady rounds).
-   The end-to-end round runs the task's registered model (``digits_cnn``, ~21.5k parameters): no
-   registered model has ~100k parameters and the services cannot be given another one.
+   The end-to-end rounds run ``mlp_wide`` (MLP 64 -> 280 -> 280 -> 10 on digits, ~100k parameters).
 2. Stages, measured from outside the services on the same brokers with the same code the services
    run: ``train_local`` and ``codec.encode`` (+ envelope signing) per agent, MQTT QoS 1 transfer
    of each update (publish -> subscriber), ``RegionalSum`` over 10 updates (with signature checks),
    Kafka transfer of a partial (idempotent ``acks=all`` produce -> ``read_committed`` consume) and
-   ``GlobalRound.finish`` (decrypt + decode) of 3 partials. The model for the stages is a ~100k
-   parameter MLP (digits inputs, hidden 280) registered in THIS process only; the deltas are real
-   local-training deltas of the 30 agents' shards.
+   ``GlobalRound.finish`` (decrypt + decode) of 3 partials, on the same ~100k-parameter model;
+   the deltas are real local-training deltas of the 30 agents' shards.
 3. ``regional_updates_per_s``: one ``regional_aggregator.cli`` process, fed 1M-parameter encrypted
    updates of N agents pre-encoded and signed in a separate publisher process; the clock runs from
    the first publish to the arrival of the region's partial on ``<ns>.partials``. Three rounds
@@ -59,7 +57,7 @@ from rich.table import Table  # noqa: E402
 NUM_REGIONS = 3
 AGENTS_PER_REGION = 10
 NUM_AGENTS = NUM_REGIONS * AGENTS_PER_REGION
-STAGE_MODEL = "bench_mlp_h280"   # registered in this process only (see _register_stage_model)
+STAGE_MODEL = "mlp_wide"  # edge_agent.models: MLP 64 -> 280 -> 280 -> 10, ~100k parameters
 STAGE_HIDDEN = 280
 STAGES = ("train", "encode", "mqtt_transfer", "regional_sum", "kafka_transfer", "global_decode")
 MODES = ("encrypted", "plaintext")
@@ -83,14 +81,6 @@ def _codec_params(encrypted: bool):
 
     # what the global aggregator's CLI puts in the round task by default (bits 8, max_summands 64)
     return CodecParams(bits=8, max_summands=64, encrypted=encrypted)
-
-
-def _register_stage_model() -> None:
-    """A ~100k-parameter MLP on digits inputs, known to this process's model registry only."""
-    from edge_agent.models import MLP, MODELS
-
-    MODELS[STAGE_MODEL] = lambda shape, nc, rngs: MLP(int(np.prod(shape)), nc, hidden=STAGE_HIDDEN,
-                                                      rngs=rngs)
 
 
 class _MqttPair:
@@ -165,7 +155,6 @@ def measure_stages(stack, keys_dir: Path, progress, task) -> dict:
     from schemas.signing import TrustStore, header, load_private_key, open_envelope, seal
     from schemas.topics import Topics
 
-    _register_stage_model()
     info = TASKS["digits"]
     cfg = LocalTrainConfig()  # the global CLI's defaults: sgd, lr 0.1, 1 epoch, batch 32
     regions = fleet(NUM_AGENTS, NUM_REGIONS)
@@ -205,7 +194,7 @@ def measure_stages(stack, keys_dir: Path, progress, task) -> dict:
     train[STAGE_MODEL]["samples_per_agent_mean"] = _mean(sizes)
     num_params = int(deltas[0].size)
     out["model"] = {"name": STAGE_MODEL, "kind": f"MLP(64 -> {STAGE_HIDDEN} -> {STAGE_HIDDEN} -> 10) "
-                    "on digits, registered in the bench process only (not runnable by the services)",
+                    "on digits (edge_agent.models), the same model the end-to-end rounds run",
                     "num_params": num_params, "deltas": "real train_local deltas of the 30 agents' "
                     "digits shards (Dirichlet 0.5, data seed 0)"}
     out["train_by_model"] = train
@@ -396,7 +385,8 @@ def run_federation(stack, keys_dir: Path, workdir: Path, mode: str, rounds: int,
         mqtt=stack.mqtt, kafka=stack.kafka_bootstrap, keys_dir=keys_dir,
         fleet=fleet(NUM_AGENTS, NUM_REGIONS), workdir=workdir / f"logs-{mode}", namespace=ns,
         global_args=["--rounds", str(rounds), "--deadline-s", str(int(timeout_s)), "--grace-s", "2",
-                     "--seed", str(SEED), *(["--plaintext"] if mode == "plaintext" else [])],
+                     "--seed", str(SEED), "--model", STAGE_MODEL,
+                     *(["--plaintext"] if mode == "plaintext" else [])],
     )
     trust = TrustStore.load(keys_dir / "trust.json")
     versions = []
@@ -865,9 +855,8 @@ def main(argv: list[str] | None = None) -> int:
     result["regional_throughput"] = rt
     result["regional_updates_per_s"] = rt["updates_per_s"]
     result["notes"] = [
-        "No registered model has ~100k parameters and the services take no model size option, so "
-        "the end-to-end rounds run digits_cnn (see rounds.*.num_params) and the stages run a "
-        f"{result['stages']['model']['num_params']}-param MLP registered in the bench process only.",
+        f"The end-to-end rounds and the stages both run {STAGE_MODEL} "
+        f"({result['stages']['model']['num_params']} parameters).",
         "Stage 'train' is the same measurement in both modes (training does not depend on the codec).",
         "Stage 'encode' includes Ed25519 signing of the UpdateChunk envelopes; 'regional_sum' "
         "includes verifying the 10 envelopes, RegionalSum.add_chunk, partial() and signing; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_agent.service import EdgeAgent, EdgeSettings
+from schemas.errors import InvalidMessage
 from schemas.cli import (
     EnvDefaults,
     add_mqtt_auth,
@@ -46,12 +47,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-level", env="LOG_LEVEL", default="info")
     a = ap.parse_args(argv)
     setup_logging(a.log_level)
-    agent = EdgeAgent(EdgeSettings(
-        agent_id=a.agent_id, region=a.region, mqtt_host=a.mqtt[0], mqtt_port=a.mqtt[1],
-        keys_dir=a.keys, num_agents=a.num_agents, partition=a.partition, alpha=a.alpha,
-        data_seed=a.data_seed, task_name=a.task, straggle_s=a.straggle_s,
-        metrics_port=a.metrics_port, namespace=a.namespace, **mqtt_auth(a),
-    ))
+    try:
+        agent = EdgeAgent(EdgeSettings(
+            agent_id=a.agent_id, region=a.region, mqtt_host=a.mqtt[0], mqtt_port=a.mqtt[1],
+            keys_dir=a.keys, num_agents=a.num_agents, partition=a.partition, alpha=a.alpha,
+            data_seed=a.data_seed, task_name=a.task, straggle_s=a.straggle_s,
+            metrics_port=a.metrics_port, namespace=a.namespace, **mqtt_auth(a),
+        ))
+    except (ValueError, FileNotFoundError, InvalidMessage) as exc:
+        ap.error(str(exc))
     run_service(agent.run, agent.stop)
 
 

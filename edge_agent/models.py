@@ -73,6 +73,11 @@ def _build_mlp(input_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs) -
     return MLP(int(np.prod(input_shape)), num_classes, rngs=rngs)
 
 
+def _build_wide_mlp(input_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
+    # ~100k parameters on digits (64 -> 280 -> 280 -> 10): the pipeline benchmark's model size
+    return MLP(int(np.prod(input_shape)), num_classes, hidden=280, rngs=rngs)
+
+
 def _build_cnn(input_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs) -> nnx.Module:
     if len(input_shape) != 3:
         raise ValueError(f"digits_cnn needs an (H, W, C) input shape, got {input_shape}")
@@ -82,6 +87,7 @@ def _build_cnn(input_shape: tuple[int, ...], num_classes: int, rngs: nnx.Rngs) -
 #: Model constructors by name: ``(input_shape, num_classes, rngs) -> nnx.Module``.
 MODELS: dict[str, Callable[[tuple[int, ...], int, nnx.Rngs], nnx.Module]] = {
     "mlp": _build_mlp,
+    "mlp_wide": _build_wide_mlp,
     "digits_cnn": _build_cnn,
 }
 

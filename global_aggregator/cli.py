@@ -9,6 +9,7 @@ from global_aggregator.service import GlobalAggregator, GlobalSettings
 from global_aggregator.strategies import STRATEGIES
 from schemas.cli import EnvDefaults, run_service, setup_logging
 from schemas.codec import CodecParams
+from schemas.errors import InvalidMessage
 
 
 def build_parser() -> EnvDefaults:
@@ -74,9 +75,13 @@ def settings_from_args(a) -> GlobalSettings:
 
 
 def main(argv: list[str] | None = None) -> None:
-    a = build_parser().parse_args(argv)
+    ap = build_parser()
+    a = ap.parse_args(argv)
     setup_logging(a.log_level)
-    svc = GlobalAggregator(settings_from_args(a))
+    try:
+        svc = GlobalAggregator(settings_from_args(a))
+    except (ValueError, FileNotFoundError, InvalidMessage) as exc:
+        ap.error(str(exc))
     run_service(svc.run, svc.stop)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from regional_aggregator.service import RegionalAggregator, RegionalSettings
+from schemas.errors import InvalidMessage
 from schemas.cli import (
     EnvDefaults,
     add_mqtt_auth,
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kafka", env="KAFKA_BOOTSTRAP", required=True, help="Kafka bootstrap servers")
     ap.add_argument("--keys", env="KEYS_DIR", type=Path, required=True,
                     help="key directory (public HE context + the region's key)")
-    ap.add_argument("--model", env="MODEL_NAME", default="digits_cnn", help="model to relay")
+    ap.add_argument("--model", env="MODEL_NAME", default="",
+                    help="model to relay (default: whichever model the namespace carries)")
     ap.add_argument("--min-agents-per-partial", env="MIN_AGENTS_PER_PARTIAL", type=int, default=1,
                     help="never forward a sum of fewer agents (privacy floor)")
     ap.add_argument("--max-message-bytes", env="MAX_MESSAGE_BYTES", type=int, default=4 << 20,
@@ -44,12 +46,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-level", env="LOG_LEVEL", default="info")
     a = ap.parse_args(argv)
     setup_logging(a.log_level)
-    svc = RegionalAggregator(RegionalSettings(
-        region=a.region, mqtt_host=a.mqtt[0], mqtt_port=a.mqtt[1], kafka_bootstrap=a.kafka,
-        keys_dir=a.keys, model_name=a.model, min_agents_per_partial=a.min_agents_per_partial,
-        max_message_bytes=a.max_message_bytes, kafka_budget_s=a.kafka_budget_s,
-        metrics_port=a.metrics_port, namespace=a.namespace, **mqtt_auth(a),
-    ))
+    try:
+        svc = RegionalAggregator(RegionalSettings(
+            region=a.region, mqtt_host=a.mqtt[0], mqtt_port=a.mqtt[1], kafka_bootstrap=a.kafka,
+            keys_dir=a.keys, model_name=a.model, min_agents_per_partial=a.min_agents_per_partial,
+            max_message_bytes=a.max_message_bytes, kafka_budget_s=a.kafka_budget_s,
+            metrics_port=a.metrics_port, namespace=a.namespace, **mqtt_auth(a),
+        ))
+    except (ValueError, FileNotFoundError, InvalidMessage) as exc:
+        ap.error(str(exc))
     run_service(svc.run, svc.stop)
 
 

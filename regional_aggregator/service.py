@@ -46,7 +46,7 @@ class RegionalSettings:
     mqtt_port: int
     kafka_bootstrap: str
     keys_dir: Path
-    model_name: str = "cnn"
+    model_name: str = ""  # relay only this model; empty: the namespace's one model
     min_agents_per_partial: int = 1
     max_message_bytes: int = 4 << 20
     metrics_port: int | None = None
@@ -138,7 +138,7 @@ class RegionalAggregator:
                         if mv.header.sender != GLOBAL_ID:
                             raise InvalidMessage("unauthorized",
                                                  f"model signed by {mv.header.sender!r}")
-                        if mv.model_name == self.s.model_name:
+                        if not self.s.model_name or mv.model_name == self.s.model_name:
                             self._adopt(mv, rec.value)
                     except InvalidMessage as exc:
                         reject(SERVICE, exc, f"model record {rec.offset}")

@@ -49,7 +49,7 @@ async def catch_up(
 ) -> tuple[pb.ModelVersion | None, bytes | None]:
     """Read the assigned model-topic partition from its position to its current end.
 
-    Returns the last verified version of ``model_name`` seen (and its envelope bytes); leaves
+    Returns the last verified version of ``model_name`` (any model if empty) seen (and its envelope bytes); leaves
     the consumer positioned at the end, ready to follow new versions.
     """
     tp = TopicPartition(topic, 0)
@@ -64,7 +64,7 @@ async def catch_up(
             except InvalidMessage as exc:
                 log.warning("skipping model record at offset %d: %s", rec.offset, exc)
                 continue
-            if mv.model_name == model_name:
+            if not model_name or mv.model_name == model_name:
                 latest = (mv, rec.value)
     return latest
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import struct
 import time
 
 import numpy as np
-import pytest
 import json
+
+import pytest
 from aiokafka import AIOKafkaConsumer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -52,8 +54,14 @@ def test_pipeline_matches_simulation_bit_for_bit(stack, tmp_path, topic_prefix):
     try:
         fed.start_all()
         versions = asyncio.run(watch(fed, timeout_s=400))
+        # the final version sends every agent and the global home; regions stop on SIGTERM
+        exits = {name: fed.wait(name, 60) for name in fed.procs if name not in fed.fleet}
+        for region in fed.fleet:
+            fed.procs[region].send_signal(signal.SIGTERM)
+            exits[region] = fed.wait(region, 30)
     finally:
         fed.stop_all()
+    assert exits == dict.fromkeys(fed.procs, 0), "a service did not exit cleanly"
     # Assert: every round happened with every agent, and the final model is the simulation's
     assert [v.version for v in versions] == [0, 1, 2, 3]
     assert versions[-1].final

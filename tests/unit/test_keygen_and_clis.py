@@ -1,0 +1,69 @@
+"""Key generation and the command-line entry points (no broker)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from global_aggregator.keygen import fleet, write_keys
+from schemas.codec import Codec, CodecParams
+from schemas.errors import InvalidMessage
+from schemas.keyring import Keyring
+
+
+def test_keygen_gives_secret_only_to_the_global_tier(tmp_path):
+    # Prepare / Execute
+    summary = write_keys(tmp_path, num_agents=6, num_regions=2)
+    # Assert: every identity has a key and a trust entry with its role and region
+    trust = json.loads((tmp_path / "trust.json").read_text())["identities"]
+    assert set(trust) == {"global", "region-0", "region-1", *(f"agent-{i:03d}" for i in range(6))}
+    for region, agents in fleet(6, 2).items():
+        assert all(trust[a]["region"] == region and trust[a]["role"] == "agent" for a in agents)
+    assert (tmp_path / "he" / "secret.ctx").stat().st_mode & 0o077 == 0
+    # the edge's and the global's contexts are one key pair (same fingerprint) ...
+    edge = Keyring.load(tmp_path, "agent-000")
+    glob = Keyring.load(tmp_path, "global", secret=True)
+    assert edge.he.fingerprint == glob.he.fingerprint == summary["he_fingerprint"]
+    assert glob.he.is_private and not edge.he.is_private
+    # ... but only the global's can read a sum
+    params = CodecParams()
+    q = Codec(params, 1000, edge.he).encode(np.full(1000, 0.01, np.float32), 10, seed=3)
+    with pytest.raises(InvalidMessage) as exc:
+        Codec(params, 1000, edge.he).decode(q)
+    assert exc.value.reason == "no_secret_key"
+    qsum, weight = Codec(params, 1000, glob.he).decode(q)
+    assert weight == 10 and qsum.shape == (1000,)
+
+
+@pytest.mark.parametrize(
+    ("module", "must_mention"),
+    [
+        ("edge_agent.cli", ["--agent-id", "--mqtt", "MQTT_ADDR", "--keys"]),
+        ("regional_aggregator.cli", ["--region", "--kafka", "--min-agents-per-partial"]),
+        ("global_aggregator.cli", ["ROUNDS", "MIN_PARTICIPANTS", "AGGREGATION_STRATEGY",
+                                   "ROUND_DEADLINE_S"]),
+        ("global_aggregator.keygen", ["--agents", "--regions"]),
+        ("global_aggregator.consumer", ["--follow", "--trust"]),
+        ("global_aggregator.simulation_cli", ["--rounds"]),
+        ("global_aggregator.demo", ["--rounds"]),
+    ],
+)
+def test_every_command_has_help(module, must_mention):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    for word in must_mention:
+        assert word in out.stdout
+
+
+def test_nonsense_settings_are_refused_at_the_entry_point():
+    out = subprocess.run([sys.executable, "-m", "global_aggregator.cli", "--kafka", "x:1",
+                          "--keys", "/nonexistent", "--rounds", "0"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2  # argparse's usage error, not a traceback
+    assert "error: rounds must be at least 1" in out.stderr
+    assert "Traceback" not in out.stderr
