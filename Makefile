@@ -3,6 +3,9 @@ PY := .venv/bin/python
 
 .PHONY: install demo test lint bench proto
 
+lint: install
+	.venv/bin/ruff check .
+
 install:
 	@bash compose/install.sh
 
@@ -10,6 +13,7 @@ demo: install
 	$(PY) -m global_aggregator.demo
 
 test: install
+	.venv/bin/ruff check .
 	$(PY) -m pytest -p no:cacheprovider tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
@@ -17,6 +21,7 @@ proto: install
 	$(PY) -m grpc_tools.protoc -Ischemas --python_out=schemas --pyi_out=schemas schemas/fedstream.proto
 
 bench: install
+	mkdir -p bench/results
 	$(PY) bench/codec.py --params 1000000 --json bench/results/codec.json
 	$(PY) bench/simulate.py --json bench/results/simulate.json
 	$(PY) bench/pipeline.py --json bench/results/pipeline.json

@@ -110,6 +110,6 @@ class Federation:
         return "\n".join(path.read_text(errors="replace").splitlines()[-tail:])
 
     def stop_all(self) -> None:
-        for name, proc in reversed(list(self.procs.items())):
+        for _name, proc in reversed(list(self.procs.items())):
             if proc.poll() is None:
                 terminate_pid(proc.pid, timeout=10, proc=proc)

@@ -15,12 +15,14 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
 fi
 
-if [ ! -f "$KAFKA_LIBS/.complete" ]; then
+POM_SHA=$(sha256sum compose/kafka/pom.xml | cut -c1-16)
+if ! grep -qs "$POM_SHA" "$KAFKA_LIBS/.complete"; then
   echo "[install] Apache Kafka $KAFKA_VERSION jars (Maven Central) -> $KAFKA_LIBS"
+  rm -rf "$KAFKA_LIBS"
   mkdir -p "$KAFKA_LIBS"
   mvn -q -B -f compose/kafka/pom.xml -Dkafka.version="$KAFKA_VERSION" \
     dependency:copy-dependencies -DoutputDirectory="$KAFKA_LIBS"
-  touch "$KAFKA_LIBS/.complete"
+  echo "$POM_SHA" > "$KAFKA_LIBS/.complete"
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

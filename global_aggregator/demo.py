@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"[bold]fedstream demo[/]: {a.regions} regions x {a.agents_per_region} agents, "
                   f"{a.rounds} rounds, digits Dirichlet({a.alpha}), "
                   f"{'plaintext' if a.plaintext else 'CKKS-encrypted'} 8-bit updates")
-    with console.status("starting Mosquitto x%d and Kafka (KRaft) on loopback" % a.regions):
-        stack = LocalStack(regions, workdir=a.out / "stack")
+    with console.status(f"starting Mosquitto x{a.regions} and Kafka (KRaft) on loopback"):
+        stack = LocalStack(regions, workdir=a.out / "stack", mqtt_autosave_seconds=1)
         info = stack.start()
     fed = None
     try:
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     (a.out / "history.json").write_text(json.dumps(history, indent=2))
     png = plot_rounds(history, a.out / "demo.png",
                       title=f"fedstream demo: {num_agents} agents in {a.regions} regions")
-    table = Table("round", "version", "participants", "server acc", "fed acc", "uplink MB",
-                  "model KB", title="rounds")
+    table = Table("round", "version", "participants", "server acc", "fed acc (parent)",
+                  "uplink MB", "model KB", title="rounds")
     for h in history:
         table.add_row(str(h["round"]), str(h["version"]), str(int(h["participants"])),
                       f"{h['server_accuracy']:.3f}", f"{h.get('federated_accuracy', 0):.3f}",

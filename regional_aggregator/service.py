@@ -32,7 +32,7 @@ from schemas.keyring import GLOBAL_ID, Keyring
 from schemas.mqtt import MqttLink
 from schemas.signing import header, open_envelope, seal
 from schemas.task import codec_params
-from schemas.telemetry import ACCEPTED, BYTES, KAFKA_RETRIES, ROUND, reject, serve
+from schemas.telemetry import ACCEPTED, BYTES, KAFKA_RETRIES, REJECTED, ROUND, reject, serve
 from schemas.topics import Topics
 
 log = logging.getLogger("fedstream.regional")
@@ -74,6 +74,7 @@ class _Round:
     summer: RegionalSum
     pending: list = field(default_factory=list)  # MQTT messages to ack after the commit
     eval: pb.EvalSums = field(default_factory=pb.EvalSums)
+    flushing: bool = False  # the partial is being committed: its agent set is fixed
     flushed: bool = False
     update_bytes: int = 0
     committed_agents: list[str] = field(default_factory=list)
@@ -107,8 +108,12 @@ class RegionalAggregator:
         BYTES.labels(SERVICE, "mqtt_out").inc(len(raw))
         old = self.round
         self.closed_round = max(self.closed_round, mv.provenance.round)
-        if old and not old.flushed and old.pending:
-            # a round can close without us (global deadline): its updates are obsolete now
+        if old and not old.flushing and old.pending:
+            # the round closed without our partial (global deadline): its updates are obsolete
+            for agent in {*old.summer.agents, *old.summer.in_flight}:
+                REJECTED.labels(SERVICE, "round_closed").inc()
+                log.warning("%s: round %d closed before %s's update was forwarded",
+                            self.s.region, old.task.round, agent)
             for msg in old.pending:
                 self.mqtt.ack(msg)
         if mv.final or not mv.HasField("next_task"):
@@ -177,9 +182,9 @@ class RegionalAggregator:
                                  f"region is on round {r.task.round}")
         if up.header.he_fingerprint != r.task.he_fingerprint:
             raise InvalidMessage("wrong_fingerprint", "update made with another HE context")
-        if r.flushed and up.agent_id not in r.committed_agents:
-            raise InvalidMessage("late", f"{up.agent_id} arrived after round {r.task.round} "
-                                 "was flushed")
+        if (r.flushing or r.flushed) and up.agent_id not in r.committed_agents:
+            raise InvalidMessage("late", f"{up.agent_id} arrived after round {r.task.round}'s "
+                                 "partial was closed")
         if up.agent_id not in r.expected:
             raise InvalidMessage("not_selected", f"{up.agent_id} was not asked for this round")
         return up
@@ -197,6 +202,9 @@ class RegionalAggregator:
         if r.flushed:  # a duplicate of a committed update: ack, and re-send the receipt
             self.mqtt.ack(msg)
             self._publish_receipt(r)
+            return
+        if r.flushing:  # a duplicate of an update in the partial being committed
+            r.pending.append(msg)
             return
         try:
             fresh = r.summer.add_chunk(up.agent_id, up.header.chunk_index,
@@ -219,14 +227,22 @@ class RegionalAggregator:
     # -- flush: Kafka commit, then acks and receipts -------------------------------------------
 
     async def _flush(self, r: _Round) -> None:
+        r.flushing = True  # from here on the partial's agents are fixed; later arrivals are late
         agents = sorted(r.summer.agents)
+        for agent in r.summer.in_flight:  # some chunks arrived, not all: not in this round
+            REJECTED.labels(SERVICE, "incomplete").inc()
+            log.warning("%s round %d: %s's update is incomplete at the flush; left out",
+                        self.s.region, r.task.round, agent)
         enough = len(agents) >= self.s.min_agents_per_partial
         if enough:
             payloads = r.summer.partial()
         else:  # too few to hide any one agent: report an empty partial, drop the rest
             log.warning("%s round %d: %d agents < min %d, sending an empty partial",
                         self.s.region, r.task.round, len(agents), self.s.min_agents_per_partial)
+            for _ in agents:
+                REJECTED.labels(SERVICE, "too_few_agents").inc()
             payloads, agents = [b""], []
+        r.committed_agents = agents
         fp = r.task.he_fingerprint
         mv = r.model.header.model_version
         records = []
@@ -243,7 +259,6 @@ class RegionalAggregator:
         BYTES.labels(SERVICE, "kafka_out").inc(sum(len(raw) for _, raw in records))
         # committed: now (and only now) the broker may forget the updates
         r.flushed = True
-        r.committed_agents = agents
         for msg in r.pending:
             self.mqtt.ack(msg)
         r.pending.clear()

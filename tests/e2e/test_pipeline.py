@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import struct
 import time
 
 import numpy as np
-import json
-
 import pytest
 from aiokafka import AIOKafkaConsumer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from global_aggregator.simulation import simulate
 from schemas import fedstream_pb2 as pb
-from schemas.signing import TrustStore
 from schemas.topics import Topics
 from tests.e2e.helpers import make_federation, sim_config, watch
 

@@ -72,7 +72,7 @@ def assert_same_as_reference(versions, reference) -> None:
 
 
 def _federation(stack_factory, tmp_path):
-    stack = stack_factory(regions=REGIONS)
+    stack = stack_factory(regions=REGIONS, mqtt_autosave_seconds=1)
     fed = make_federation(stack.mqtt, stack.kafka_bootstrap, tmp_path, "faults")
     return stack, fed
 

@@ -26,7 +26,7 @@ CUT_S = 25.0  # longer than the regional's 15 s budget per attempt to commit a p
 
 def test_regional_cut_off_from_kafka_then_reconnected(stack_factory, tmp_path, reference):  # noqa: F811
     # Prepare: Kafka advertises a second listener behind a proxy that only region-0 uses
-    stack = stack_factory(regions=REGIONS, kafka_proxied=True)
+    stack = stack_factory(regions=REGIONS, kafka_proxied=True, mqtt_autosave_seconds=1)
     advertised, listening = stack.info.kafka_proxied
     proxy = BlockingProxy(advertised, listening).start()
     fed = make_federation(stack.mqtt, stack.kafka_bootstrap, tmp_path, "partition")

@@ -58,7 +58,7 @@ class Sub:
         if self.ack:
             client.ack(msg.mid, msg.qos)
 
-    def connect(self, subscribe: str | None = None) -> "Sub":
+    def connect(self, subscribe: str | None = None) -> Sub:
         self.connected.clear()
         self.c.connect(self.host, self.port, keepalive=30)
         self.c.loop_start()
@@ -506,7 +506,7 @@ def test_compose_file_consistent():
 
     # MQTT: one listener per region in mosquitto.conf, each published by the mosquitto service
     conf = (root / "compose" / "mosquitto" / "mosquitto.conf").read_text()
-    listeners = [int(l.split()[1]) for l in conf.splitlines() if l.startswith("listener ")]
+    listeners = [int(line.split()[1]) for line in conf.splitlines() if line.startswith("listener ")]
     ports = [str(p).split(":")[-1] for p in services["mosquitto"]["ports"]]
     for r in regionals:
         env = services[r]["environment"]
@@ -519,7 +519,7 @@ def test_compose_file_consistent():
         assert region.rsplit("-", 1)[1] == r.rsplit("-", 1)[1], (r, region)
         deps = services[r]["depends_on"]
         assert "mosquitto" in deps and "kafka" in deps
-    assert {str(l) for l in listeners} <= set(ports)
+    assert {str(p) for p in listeners} <= set(ports)
     acl = (root / "compose" / "mosquitto" / "acl").read_text()
     assert "pattern write fedstream/+/updates/%u" in acl
     # the keys volume is produced by keygen and mounted by the services that need it

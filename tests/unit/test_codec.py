@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from schemas.codec import HEADER, CodecParams, Codec, update_seed
+from schemas.codec import Codec, CodecParams, update_seed
 from schemas.errors import InvalidMessage
 from schemas.he import HEContext, generate_keys
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
-import importlib.util
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from schemas.errors import InvalidMessage
-from schemas.quantize import clip, dequantize, quantize, qmax, stochastic_round
+from schemas.quantize import clip, dequantize, qmax, quantize, stochastic_round
 
 
 def test_clip_is_a_projection():
