@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_agent.service import EdgeAgent, EdgeSettings
-from schemas.errors import InvalidMessage
 from schemas.cli import (
     EnvDefaults,
     add_mqtt_auth,
@@ -14,6 +13,7 @@ from schemas.cli import (
     run_service,
     setup_logging,
 )
+from schemas.errors import InvalidMessage
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,7 +38,13 @@ from global_aggregator.strategies import (
 from schemas import fedstream_pb2 as pb
 from schemas.codec import Codec, CodecParams
 from schemas.errors import InvalidMessage
-from schemas.kafka import CLIENT_SIZES, CONSUMER_SIZES, MAX_MESSAGE_BYTES, ensure_topics, read_latest_model
+from schemas.kafka import (
+    CLIENT_SIZES,
+    CONSUMER_SIZES,
+    MAX_MESSAGE_BYTES,
+    ensure_topics,
+    read_latest_model,
+)
 from schemas.keyring import GLOBAL_ID, Keyring
 from schemas.signing import header, open_envelope, seal
 from schemas.task import codec_params, codec_spec

@@ -489,7 +489,7 @@ class Codec:
         acc.add(b)
         return acc.payload(ia)
 
-    def accumulator(self) -> "Accumulator":
+    def accumulator(self) -> Accumulator:
         """A running sum that keeps chunks deserialized (memory bounded by one model)."""
         return Accumulator(self)
 

@@ -102,7 +102,7 @@ class HEContext:
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "HEContext":
+    def from_bytes(cls, data: bytes) -> HEContext:
         """Load a secret or public context; raises InvalidMessage("bad_context") on garbage."""
         try:
             ctx = ts.context_from(bytes(data))
@@ -129,7 +129,7 @@ class HEContext:
     # --- sealapi objects (lazily built, one set per thread: SEAL objects are not thread-safe) ---
 
     @property
-    def seal(self) -> "_Seal":
+    def seal(self) -> _Seal:
         s = getattr(self._local, "seal", None)
         if s is None:
             s = _Seal(self)
