@@ -23,6 +23,8 @@ def build_parser() -> EnvDefaults:
     ap.add_argument("--kafka", env="KAFKA_BOOTSTRAP", required=True, help="Kafka bootstrap servers")
     ap.add_argument("--keys", env="KEYS_DIR", type=Path, required=True,
                     help="key directory with the SECRET HE context and the global key")
+    ap.add_argument("--secret-context", env="HE_SECRET_CONTEXT", type=Path, default=None,
+                    help="secret HE context file (default: KEYS/he/secret.ctx)")
     ap.add_argument("--rounds", env="ROUNDS", type=int, default=15, help="rounds to run")
     ap.add_argument("--min-participants", env="MIN_PARTICIPANTS", type=int, default=1,
                     help="agents a round needs before the model may change")
@@ -70,7 +72,7 @@ def settings_from_args(a) -> GlobalSettings:
         train=LocalTrainConfig(optimizer=a.local_optimizer, lr=a.local_lr,
                                epochs=a.local_epochs, batch_size=a.batch_size,
                                prox_mu=a.prox_mu),
-        metrics_port=a.metrics_port, namespace=a.namespace,
+        metrics_port=a.metrics_port, secret_context=a.secret_context, namespace=a.namespace,
     )
 
 

@@ -36,14 +36,18 @@ def fleet(num_agents: int, num_regions: int) -> dict[str, list[str]]:
     return out
 
 
-def write_keys(out: Path, num_agents: int, num_regions: int) -> dict[str, str]:
-    """Create every key of a deployment under ``out``; return a summary."""
+def write_keys(out: Path, num_agents: int, num_regions: int,
+               secret_out: Path | None = None) -> dict[str, str]:
+    """Create every key of a deployment under ``out`` (the secret HE context under
+    ``secret_out`` if given); return a summary."""
     out = Path(out)
     (out / "he").mkdir(parents=True, exist_ok=True)
     (out / "identities").mkdir(parents=True, exist_ok=True)
     secret, public = generate_keys()
-    (out / "he" / "secret.ctx").write_bytes(secret)
-    (out / "he" / "secret.ctx").chmod(0o600)
+    secret_dir = Path(secret_out) if secret_out is not None else out / "he"
+    secret_dir.mkdir(parents=True, exist_ok=True)
+    (secret_dir / "secret.ctx").write_bytes(secret)
+    (secret_dir / "secret.ctx").chmod(0o600)
     (out / "he" / "public.ctx").write_bytes(public)
 
     ids: dict[str, Identity] = {}
@@ -71,10 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="key directory to write")
     ap.add_argument("--agents", type=int, default=12, help="number of edge agents (default 12)")
     ap.add_argument("--regions", type=int, default=3, help="number of regions (default 3)")
+    ap.add_argument("--secret-out", type=Path, default=None,
+                    help="write the secret HE context here instead of OUT/he/ (keep it off the "
+                    "volume that edge agents and regional aggregators mount)")
     args = ap.parse_args(argv)
     if args.agents < 1 or args.regions < 1:
         ap.error("--agents and --regions must be at least 1")
-    print(json.dumps(write_keys(args.out, args.agents, args.regions), indent=2))
+    print(json.dumps(write_keys(args.out, args.agents, args.regions, args.secret_out), indent=2))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class GlobalSettings:
     metrics_port: int | None = None
     namespace: str = "fedstream"
     kafka_retry_s: float = 2.0
+    secret_context: Path | None = None  # default: keys_dir/he/secret.ctx
 
     @property
     def transactional_id(self) -> str:
@@ -109,7 +110,8 @@ class GlobalAggregator:
     def __init__(self, settings: GlobalSettings) -> None:
         self.s = settings
         self.t = Topics(settings.namespace)
-        self.keys = Keyring.load(settings.keys_dir, GLOBAL_ID, secret=True)
+        self.keys = Keyring.load(settings.keys_dir, GLOBAL_ID, secret=True,
+                                 secret_path=settings.secret_context)
         if not self.keys.he.is_private:
             raise ValueError("the global aggregator needs the secret HE context")
         self.regions = self.keys.trust.names(role="region")

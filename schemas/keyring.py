@@ -4,7 +4,8 @@ Layout (one directory per deployment; each process is given only what it needs):
 
     trust.json                 public Ed25519 keys of every identity, with role and region
     he/public.ctx              TenSEAL context WITHOUT the secret key (edge agents, regional)
-    he/secret.ctx              TenSEAL context WITH the secret key (global aggregator only)
+    he/secret.ctx              TenSEAL context WITH the secret key (global aggregator only; with
+                               ``fedstream-keygen --secret-out DIR`` it is written to DIR instead)
     identities/<name>.pem      one Ed25519 private key per identity (PKCS#8 PEM, mode 0600)
 
 In a real fleet each agent generates ``identities/<agent>.pem`` on the device and registers
@@ -34,13 +35,17 @@ class Keyring:
     he: HEContext
 
     @classmethod
-    def load(cls, keys_dir: Path, name: str, *, secret: bool = False) -> Keyring:
-        """Load ``name``'s key; the secret HE context only when ``secret`` (global tier)."""
+    def load(cls, keys_dir: Path, name: str, *, secret: bool = False,
+             secret_path: Path | None = None) -> Keyring:
+        """Load ``name``'s key; the secret HE context only when ``secret`` (global tier), from
+        ``secret_path`` if given (a deployment keeps it off the volume the other tiers mount)."""
         keys_dir = Path(keys_dir)
         pem = keys_dir / "identities" / f"{name}.pem"
         if not pem.exists():
             raise FileNotFoundError(f"no private key for {name!r} at {pem} (run fedstream-keygen)")
         ctx_file = keys_dir / "he" / ("secret.ctx" if secret else "public.ctx")
+        if secret and secret_path is not None:
+            ctx_file = Path(secret_path)
         return cls(
             name=name,
             private_key=load_private_key(pem),

@@ -486,7 +486,9 @@ def test_compose_file_consistent():
 
     scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
     built = {n: s for n, s in services.items() if "build" in s}
-    assert {"keygen", "global-aggregator", "edge-agent", *regionals} <= set(built)
+    edges = sorted(n for n in services if n.startswith("edge-agent-"))
+    assert edges == [f"edge-agent-{i:03d}" for i in range(12)]
+    assert {"keygen", "global-aggregator", *edges, *regionals} <= set(built)
     dockerfile_text = (root / "compose" / "Dockerfile").read_text()
     for n, s in built.items():
         cmd = s["command"] if isinstance(s["command"], list) else s["command"].split()
@@ -494,7 +496,9 @@ def test_compose_file_consistent():
         assert (ctx / s["build"]["dockerfile"]).exists(), n
         target = s["build"].get("target", "service")
         assert f" AS {target}" in dockerfile_text, (n, target)
-        if target == "service":
+        if target == "service" and n == "keygen":  # a shell line that runs the console script
+            assert cmd[-1].split()[0] in scripts, (n, cmd)
+        elif target == "service":
             assert cmd[0] in scripts, (n, cmd[0])
         else:  # the one-shot credentials script, copied into the credentials stage
             assert (root / cmd[1].removeprefix("/app/")).exists(), (n, cmd)
@@ -522,6 +526,18 @@ def test_compose_file_consistent():
     assert {str(p) for p in listeners} <= set(ports)
     acl = (root / "compose" / "mosquitto" / "acl").read_text()
     assert "pattern write fedstream/+/updates/%u" in acl
-    # the keys volume is produced by keygen and mounted by the services that need it
+    # the keys volume is produced by keygen and mounted by the services that need it; the secret
+    # HE context has a volume of its own that only the global aggregator mounts
     assert "keys" in doc["volumes"]
     assert any("keys" in str(v) for v in services["keygen"]["volumes"])
+    with_secret = sorted(n for n, s in services.items()
+                         if any(str(v).startswith("he-secret:") for v in s.get("volumes", [])))
+    assert with_secret == ["global-aggregator", "keygen"]
+    # every edge agent talks to its own region's listener as itself
+    from global_aggregator.keygen import fleet
+
+    for region, agents in fleet(12, 3).items():
+        for a in agents:
+            env = services[f"edge-{a}"]["environment"]
+            assert env["REGION"] == region and env["MQTT_USERNAME"] == env["AGENT_ID"] == a
+            assert env["MQTT_ADDR"] == services[f"regional-aggregator-{region[-1]}"]["environment"]["MQTT_ADDR"]

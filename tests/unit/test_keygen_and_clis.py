@@ -67,3 +67,12 @@ def test_nonsense_settings_are_refused_at_the_entry_point():
     assert out.returncode == 2  # argparse's usage error, not a traceback
     assert "error: rounds must be at least 1" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_secret_context_can_live_off_the_shared_key_volume(tmp_path):
+    write_keys(tmp_path / "keys", num_agents=2, num_regions=1, secret_out=tmp_path / "secret")
+    assert not (tmp_path / "keys" / "he" / "secret.ctx").exists()
+    glob = Keyring.load(tmp_path / "keys", "global", secret=True,
+                        secret_path=tmp_path / "secret" / "secret.ctx")
+    assert glob.he.is_private
+    assert glob.he.fingerprint == Keyring.load(tmp_path / "keys", "agent-000").he.fingerprint
