@@ -8,6 +8,7 @@ from edge_agent.service import EdgeAgent, EdgeSettings
 from schemas.cli import (
     EnvDefaults,
     add_mqtt_auth,
+    add_service_flags,
     host_port,
     mqtt_auth,
     run_service,
@@ -39,12 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-seed", env="DATA_SEED", type=int, default=0, help="data split seed")
     ap.add_argument("--straggle-s", env="STRAGGLE_S", type=float, default=0.0,
                     help="testing: wait this long before publishing each update")
-    ap.add_argument("--metrics-port", env="METRICS_PORT", type=int, default=None,
-                    help="serve Prometheus metrics on this port")
     add_mqtt_auth(ap)
-    ap.add_argument("--namespace", env="FEDSTREAM_NAMESPACE", default="fedstream",
-                    help="prefix of every MQTT and Kafka topic")
-    ap.add_argument("--log-level", env="LOG_LEVEL", default="info")
+    add_service_flags(ap)
     a = ap.parse_args(argv)
     setup_logging(a.log_level)
     try:

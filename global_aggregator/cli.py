@@ -7,7 +7,7 @@ from pathlib import Path
 from edge_agent.train import LocalTrainConfig
 from global_aggregator.service import GlobalAggregator, GlobalSettings
 from global_aggregator.strategies import STRATEGIES
-from schemas.cli import EnvDefaults, run_service, setup_logging
+from schemas.cli import EnvDefaults, add_service_flags, run_service, setup_logging
 from schemas.codec import CodecParams
 from schemas.errors import InvalidMessage
 
@@ -53,11 +53,7 @@ def build_parser() -> EnvDefaults:
     ap.add_argument("--local-epochs", env="LOCAL_EPOCHS", type=int, default=1)
     ap.add_argument("--batch-size", env="BATCH_SIZE", type=int, default=32)
     ap.add_argument("--prox-mu", env="PROX_MU", type=float, default=0.0, help="FedProx mu")
-    ap.add_argument("--metrics-port", env="METRICS_PORT", type=int, default=None,
-                    help="serve Prometheus metrics on this port")
-    ap.add_argument("--namespace", env="FEDSTREAM_NAMESPACE", default="fedstream",
-                    help="prefix of every MQTT and Kafka topic")
-    ap.add_argument("--log-level", env="LOG_LEVEL", default="info")
+    add_service_flags(ap)
     return ap
 
 

@@ -8,6 +8,7 @@ from regional_aggregator.service import RegionalAggregator, RegionalSettings
 from schemas.cli import (
     EnvDefaults,
     add_mqtt_auth,
+    add_service_flags,
     host_port,
     mqtt_auth,
     run_service,
@@ -35,15 +36,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="never forward a sum of fewer agents (privacy floor)")
     ap.add_argument("--max-message-bytes", env="MAX_MESSAGE_BYTES", type=int, default=4 << 20,
                     help="reject larger MQTT messages")
-    ap.add_argument("--metrics-port", env="METRICS_PORT", type=int, default=None,
-                    help="serve Prometheus metrics on this port")
     ap.add_argument("--kafka-budget-s", env="KAFKA_BUDGET_S", type=float, default=15.0,
                     help="seconds one attempt to commit a partial may take before it is retried "
                     "with a new producer")
     add_mqtt_auth(ap)
-    ap.add_argument("--namespace", env="FEDSTREAM_NAMESPACE", default="fedstream",
-                    help="prefix of every MQTT and Kafka topic")
-    ap.add_argument("--log-level", env="LOG_LEVEL", default="info")
+    add_service_flags(ap)
     a = ap.parse_args(argv)
     setup_logging(a.log_level)
     try:

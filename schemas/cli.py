@@ -38,6 +38,15 @@ def host_port(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def add_service_flags(ap: EnvDefaults) -> None:
+    """Flags every service has: metrics port, topic namespace, log level."""
+    ap.add_argument("--metrics-port", env="METRICS_PORT", type=int, default=None,
+                    help="serve Prometheus metrics on this port")
+    ap.add_argument("--namespace", env="FEDSTREAM_NAMESPACE", default="fedstream",
+                    help="prefix of every MQTT and Kafka topic")
+    ap.add_argument("--log-level", env="LOG_LEVEL", default="info")
+
+
 def add_mqtt_auth(ap: EnvDefaults) -> None:
     """Per-identity MQTT credentials and TLS, as the compose stack's Mosquitto requires."""
     ap.add_argument("--mqtt-username", env="MQTT_USERNAME", default=None, help="MQTT user name")
