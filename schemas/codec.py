@@ -30,6 +30,7 @@ import hashlib
 import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import zstandard
@@ -45,7 +46,8 @@ MODE_PLAIN = 2
 HEADER = struct.Struct("<4sBBBBIIQII8s16s")
 _LEN = struct.Struct("<I")
 _I64 = struct.Struct("<q")
-_DTYPES = {1: np.dtype("<i1"), 2: np.dtype("<i2"), 8: np.dtype("<i8")}
+_DTYPES: dict[int, np.dtype[Any]] = {1: np.dtype("<i1"), 2: np.dtype("<i2"),
+                                     8: np.dtype("<i8")}
 _ZSTD_LEVEL = 1
 _SLACK = 1024                    # header + zstd framing allowance per chunk
 
@@ -211,6 +213,18 @@ class _Chunk:
     values: np.ndarray | None = None      # plain: values (int8/int16/int64)
     weight: int = 0                        # plain: weight sum
 
+    def cts(self) -> list[bytes]:
+        """The serialized ciphertexts (CKKS chunks only)."""
+        if self.items is None:
+            raise InvalidMessage("wrong_mode", "chunk has no ciphertexts (plain chunk)")
+        return self.items
+
+    def ints(self) -> np.ndarray:
+        """The plain values (plain chunks only)."""
+        if self.values is None:
+            raise InvalidMessage("wrong_mode", "chunk has no plain values (CKKS chunk)")
+        return self.values
+
 
 class Codec:
     """Encode, add and decode the updates of one round (see module docstring)."""
@@ -245,6 +259,12 @@ class Codec:
         self._zc = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True,
                                             write_content_size=True)
         self._zd = zstandard.ZstdDecompressor()
+
+    def _he(self) -> HEContext:
+        """The HE context; only CKKS codecs have one (the constructor guarantees it)."""
+        if self.context is None:
+            raise InvalidMessage("bad_params", "encrypted codec needs an HE context")
+        return self.context
 
     # ------------------------------------------------------------------ quantization
 
@@ -313,7 +333,7 @@ class Codec:
                 out.append(self._frame(c, 1, dtype, vals.shape[0],
                                        [_I64.pack(weight if c == 0 else 0), vals.tobytes()]))
             return out
-        plan, seal = self.plan, self.context.seal
+        plan, seal = self.plan, self._he().seal
         reals = np.empty(plan.num_reals, np.float64)
         reals[0] = weight
         reals[1:] = packing.pack(q, plan.lanes, plan.lane_bits)
@@ -504,7 +524,7 @@ class Codec:
                 the decrypted values are not integers (overflow or damage), plus every reason of
                 payload parsing.
         """
-        if self._mode == MODE_CKKS and not self.context.is_private:
+        if self._mode == MODE_CKKS and not self._he().is_private:
             raise InvalidMessage("no_secret_key", "this HE context cannot decrypt")
         if len(chunks) != self.num_chunks:
             raise InvalidMessage("chunk_mismatch",
@@ -520,7 +540,7 @@ class Codec:
             raise InvalidMessage("chunk_mismatch", f"chunks sum different counts {summands}")
         (count,) = summands
         if self._mode == MODE_PLAIN:
-            qsum = np.concatenate([parsed[c].values.astype(np.int64)
+            qsum = np.concatenate([parsed[c].ints().astype(np.int64)
                                    for c in range(self.num_chunks)])
             weight = parsed[0].weight
             if any(parsed[c].weight for c in range(1, self.num_chunks)):
@@ -536,11 +556,11 @@ class Codec:
         return qsum, int(weight)
 
     def _decrypt(self, parsed: dict[int, _Chunk], count: int) -> tuple[np.ndarray, int]:
-        plan, seal = self.plan, self.context.seal
-        reals = np.empty(sum(len(parsed[c].items) for c in parsed) * plan.reals_per_ct)
+        plan, seal = self.plan, self._he().seal
+        reals = np.empty(sum(len(parsed[c].cts()) for c in parsed) * plan.reals_per_ct)
         pos = 0
         for c in range(self.num_chunks):
-            for item in parsed[c].items:
+            for item in parsed[c].cts():
                 z = np.array(seal.decrypt(seal.load(item, plan.he_scale)), np.complex128)
                 reals[pos:pos + plan.reals_per_ct] = z.view(np.float64)
                 pos += plan.reals_per_ct
@@ -579,7 +599,7 @@ class Accumulator:
             raise InvalidMessage("too_many_summands", f"sum would hold {total} updates, limit "
                                  f"{codec.params.max_summands}")
         if codec._mode == MODE_PLAIN:
-            vals = ch.values.astype(np.int64)
+            vals = ch.ints().astype(np.int64)
             if ch.index in self.sums:
                 self.sums[ch.index][0] += vals
                 self.weights[ch.index] += ch.weight
@@ -587,8 +607,8 @@ class Accumulator:
                 self.sums[ch.index] = [vals]
                 self.weights[ch.index] = ch.weight
         else:
-            seal, scale = codec.context.seal, codec.plan.he_scale
-            cts = [seal.load(b, scale) for b in ch.items]
+            seal, scale = codec._he().seal, codec.plan.he_scale
+            cts = [seal.load(b, scale) for b in ch.cts()]
             if ch.index in self.sums:
                 for acc, ct in zip(self.sums[ch.index], cts):
                     seal.evaluator.add_inplace(acc, ct)
@@ -607,7 +627,7 @@ class Accumulator:
             vals = self.sums[index][0]
             return codec._frame(index, n, 8, vals.shape[0],
                                 [_I64.pack(self.weights[index]), vals.astype("<i8").tobytes()])
-        seal = codec.context.seal
+        seal = codec._he().seal
         return codec._frame_cts(index, n, [seal.save(ct) for ct in self.sums[index]])
 
     def payloads(self) -> list[bytes]:

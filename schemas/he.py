@@ -164,8 +164,11 @@ class _Seal:
         return ct
 
     def decrypt(self, ct: sealapi.Ciphertext) -> list[complex]:
+        decryptor = self.decryptor
+        if decryptor is None:
+            raise InvalidMessage("no_secret_key", "this HE context cannot decrypt")
         pt = sealapi.Plaintext()
-        self.decryptor.decrypt(ct, pt)
+        decryptor.decrypt(ct, pt)
         return self.encoder.decode_complex(pt)
 
     def save(self, ct: sealapi.Ciphertext) -> bytes:
