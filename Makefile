@@ -5,6 +5,7 @@ PY := .venv/bin/python
 
 lint: install
 	.venv/bin/ruff check .
+	.venv/bin/mypy
 
 install:
 	@bash compose/install.sh
@@ -14,6 +15,7 @@ demo: install
 
 test: install
 	.venv/bin/ruff check .
+	.venv/bin/mypy
 	$(PY) -m pytest -p no:cacheprovider tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

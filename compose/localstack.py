@@ -517,6 +517,18 @@ class LocalStack:
             raise StackError("stack is not running (call start() or use it as a context manager)")
         return self.info
 
+    @property
+    def _wd(self) -> Path:
+        if self.workdir is None:
+            raise StackError("stack has no workdir yet (call start())")
+        return self.workdir
+
+    def _bootstrap(self) -> str:
+        bootstrap = self._require().kafka_bootstrap
+        if bootstrap is None:
+            raise StackError("this stack runs no Kafka")
+        return bootstrap
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def __enter__(self) -> StackInfo:
@@ -543,7 +555,7 @@ class LocalStack:
                 self.info.kafka_controller_port = cport
                 if self.kafka_proxied:
                     taken = {bport, cport}
-                    ports = []
+                    ports: list[int] = []
                     while len(ports) < 2:
                         p = free_port()
                         if p not in taken:
@@ -584,21 +596,21 @@ class LocalStack:
     # -- mosquitto -----------------------------------------------------------------------------
 
     def _mosq_paths(self, region: str) -> tuple[Path, Path, Path]:
-        d = self.workdir / "mosquitto" / region
+        d = self._wd / "mosquitto" / region
         return d / "mosquitto.conf", d / "data", d / "mosquitto.log"
 
     def _spawn_mosquitto(self, region: str) -> None:
         conf, data, log = self._mosq_paths(region)
         data.mkdir(parents=True, exist_ok=True)
-        port = self.info.mqtt[region][1]
+        port = self._require().mqtt[region][1]
         conf.write_text(mosquitto_conf(port, data, self.mqtt_autosave_changes,
                                        self.mqtt_autosave_seconds))
         proc = _spawn([MOSQUITTO_BIN, "-c", str(conf)], log, detach=self.detach)
         self._procs[f"mosquitto:{region}"] = proc
-        self.info.pids[f"mosquitto:{region}"] = proc.pid
+        self._require().pids[f"mosquitto:{region}"] = proc.pid
 
     def _wait_mosquitto(self, region: str) -> None:
-        host, port = self.info.mqtt[region]
+        host, port = self._require().mqtt[region]
         name = f"mosquitto:{region}"
         proc = self._procs[name]
         deadline = time.monotonic() + self.mqtt_timeout
@@ -636,15 +648,17 @@ class LocalStack:
 
     @property
     def _kafka_dir(self) -> Path:
-        return self.workdir / "kafka"
+        return self._wd / "kafka"
 
     def _write_kafka_config(self) -> None:
         d = self._kafka_dir
         (d / "data").mkdir(parents=True, exist_ok=True)
-        bport = int(self.info.kafka_bootstrap.rsplit(":", 1)[1])
+        info = self._require()
+        bport = int(self._bootstrap().rsplit(":", 1)[1])
+        if info.kafka_controller_port is None:
+            raise StackError("no controller port allocated")
         (d / "server.properties").write_text(
-            kafka_properties(1, bport, self.info.kafka_controller_port, d / "data",
-                             self.info.kafka_proxied)
+            kafka_properties(1, bport, info.kafka_controller_port, d / "data", info.kafka_proxied)
         )
         (d / "log4j2.properties").write_text(KAFKA_LOG4J2)
 
@@ -673,7 +687,7 @@ class LocalStack:
             "format",
             "--ignore-formatted",
             "-t",
-            self.info.cluster_id,
+            self._require().cluster_id or "",
             "-c",
             str(self._kafka_dir / "server.properties"),
             heap="256m",
@@ -688,7 +702,7 @@ class LocalStack:
         cmd = self._java_cmd("kafka.Kafka", str(self._kafka_dir / "server.properties"), heap=self.kafka_heap)
         proc = _spawn(cmd, self._kafka_dir / "kafka.log", detach=self.detach)
         self._procs["kafka"] = proc
-        self.info.pids["kafka"] = proc.pid
+        self._require().pids["kafka"] = proc.pid
 
     def _wait_kafka(self) -> None:
         proc = self._procs["kafka"]
@@ -696,12 +710,12 @@ class LocalStack:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 break
-            if kafka_ready(self.info.kafka_bootstrap, timeout=min(5.0, max(0.5, deadline - time.monotonic()))):
+            if kafka_ready(self._bootstrap(), timeout=min(5.0, max(0.5, deadline - time.monotonic()))):
                 return
             time.sleep(0.1)
         log = self._kafka_dir / "kafka.log"
         state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready after {self.kafka_timeout}s"
-        raise StackError(f"Kafka on {self.info.kafka_bootstrap} {state}; log tail ({log}):\n{_tail(log)}")
+        raise StackError(f"Kafka on {self._bootstrap()} {state}; log tail ({log}):\n{_tail(log)}")
 
     def kill_kafka(self, sig: int = signal.SIGKILL) -> None:
         proc = self._procs["kafka"]

@@ -183,9 +183,9 @@ class EdgeAgent:
                 msg = get.result()
                 try:
                     if msg.topic == self.t.receipts(self.s.region):
-                        self._on_receipt(msg.payload)
+                        self._on_receipt(bytes(msg.payload))
                         continue
-                    mv = self._on_model(msg.payload)
+                    mv = self._on_model(bytes(msg.payload))
                 except InvalidMessage as exc:
                     reject(SERVICE, exc, msg.topic)
                     continue

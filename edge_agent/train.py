@@ -129,7 +129,8 @@ def train_local(
     flat, opt_state = g, opt.init(g)
     x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
     rng = np.random.default_rng(seed)
-    steps, last_losses = 0, []
+    steps = 0
+    last_losses: list[jax.Array] = []
     for _ in range(cfg.epochs):
         last_losses = []
         for idx, mask in _padded_batches(n, bs, rng):

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         keys = a.out / f"keys-{uuid.uuid4().hex[:6]}"
         summary = write_keys(keys, num_agents, a.regions)
         console.print(f"keys in {keys} (HE fingerprint {summary['he_fingerprint'][:16]}...)")
+        assert info.kafka_bootstrap is not None  # the demo's stack always runs Kafka
         fed = Federation(
             mqtt=info.mqtt, kafka=info.kafka_bootstrap, keys_dir=keys,
             fleet=fleet(num_agents, a.regions), workdir=a.out / "logs",

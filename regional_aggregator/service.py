@@ -358,7 +358,7 @@ class RegionalAggregator:
         mv, raw = await catch_up(models, self.t.models, self.keys.trust, self.s.model_name)
         self.mqtt.start()
         await self.mqtt.connected.wait()
-        if mv is not None:
+        if mv is not None and raw is not None:
             try:
                 self._adopt(mv, raw)
             except InvalidMessage as exc:

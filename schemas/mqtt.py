@@ -64,7 +64,8 @@ class MqttLink:
         self.client.manual_ack_set(manual_ack)
         self.client.max_inflight_messages_set(0)  # 0 = no client-side cap on our own QoS 1 sends
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(min_delay=0.2, max_delay=3)
+        # paho takes float seconds (its annotation says int): reconnect fast after a broker restart
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=3)  # type: ignore[arg-type]
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message

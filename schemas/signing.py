@@ -113,7 +113,7 @@ def signed_bytes(kind: int, signer: str, body: bytes) -> bytes:
     return _DOMAIN + struct.pack(">I", kind) + signer.encode() + b"\0" + body
 
 
-def seal(kind: int, body: Message, signer: str, key: Ed25519PrivateKey) -> bytes:
+def seal(kind: pb.Kind, body: Message, signer: str, key: Ed25519PrivateKey) -> bytes:
     """Serialize ``body`` into a signed Envelope."""
     raw = body.SerializeToString()
     env = pb.Envelope(
@@ -132,7 +132,7 @@ class Opened:
     body: Any
 
 
-def open_envelope(data: bytes, kind: int, trust: TrustStore, *, max_bytes: int) -> Opened:
+def open_envelope(data: bytes, kind: pb.Kind, trust: TrustStore, *, max_bytes: int) -> Opened:
     """Parse, check and verify one envelope; return its decoded body.
 
     Raises:
