@@ -23,9 +23,9 @@ from schemas import fedstream_pb2 as pb
 from schemas.codec import Codec, update_seed
 from schemas.errors import InvalidMessage
 from schemas.kafka import MAX_MESSAGE_BYTES
-from schemas.keyring import GLOBAL_ID, Keyring
+from schemas.keyring import Keyring
 from schemas.mqtt import MqttLink
-from schemas.signing import header, open_envelope, seal
+from schemas.signing import header, open_envelope, open_model_version, seal
 from schemas.task import codec_params
 from schemas.telemetry import ACCEPTED, BYTES, ROUND, reject, serve
 from schemas.topics import Topics
@@ -132,9 +132,7 @@ class EdgeAgent:
                  task.round, len(chunks), sum(map(len, chunks)), ", after the deadline" if late else "")
 
     def _on_model(self, raw: bytes) -> pb.ModelVersion | None:
-        mv = open_envelope(raw, pb.MODEL_VERSION, self.keys.trust, max_bytes=MAX_MESSAGE_BYTES).body
-        if mv.header.sender != GLOBAL_ID:
-            raise InvalidMessage("unauthorized", f"model version signed by {mv.header.sender!r}")
+        mv = open_model_version(raw, self.keys.trust, max_bytes=MAX_MESSAGE_BYTES)
         if mv.final:
             self.pending.clear()
             return mv

@@ -31,8 +31,7 @@ from aiokafka import TopicPartition
 from schemas import fedstream_pb2 as pb
 from schemas.errors import InvalidMessage
 from schemas.kafka import MAX_MESSAGE_BYTES, model_consumer
-from schemas.keyring import GLOBAL_ID
-from schemas.signing import TrustStore, open_envelope
+from schemas.signing import TrustStore, open_model_version
 from schemas.telemetry import REJECTED
 from schemas.topics import Topics
 
@@ -54,9 +53,7 @@ class VerifiedModel:
 
 def verify_model(raw: bytes, trust: TrustStore, offset: int = -1) -> VerifiedModel:
     """Verify one model-topic record; raises InvalidMessage if it is not the global's."""
-    mv = open_envelope(raw, pb.MODEL_VERSION, trust, max_bytes=MAX_MESSAGE_BYTES).body
-    if mv.header.sender != GLOBAL_ID:
-        raise InvalidMessage("unauthorized", f"model version signed by {mv.header.sender!r}")
+    mv = open_model_version(raw, trust, max_bytes=MAX_MESSAGE_BYTES)
     params = np.frombuffer(mv.params, "<f4")
     if params.size != mv.num_params:
         raise InvalidMessage("truncated", f"{params.size} parameters, header says {mv.num_params}")

@@ -28,9 +28,9 @@ from schemas import fedstream_pb2 as pb
 from schemas.codec import Codec
 from schemas.errors import InvalidMessage
 from schemas.kafka import CLIENT_SIZES, MAX_MESSAGE_BYTES, catch_up, ensure_topics, model_consumer
-from schemas.keyring import GLOBAL_ID, Keyring
+from schemas.keyring import Keyring
 from schemas.mqtt import MqttLink
-from schemas.signing import header, open_envelope, seal
+from schemas.signing import header, open_envelope, open_model_version, seal
 from schemas.task import codec_params
 from schemas.telemetry import ACCEPTED, BYTES, KAFKA_RETRIES, REJECTED, ROUND, reject, serve
 from schemas.topics import Topics
@@ -138,11 +138,8 @@ class RegionalAggregator:
             try:
                 async for rec in consumer:
                     try:
-                        mv = open_envelope(rec.value, pb.MODEL_VERSION, self.keys.trust,
-                                           max_bytes=MAX_MESSAGE_BYTES).body
-                        if mv.header.sender != GLOBAL_ID:
-                            raise InvalidMessage("unauthorized",
-                                                 f"model signed by {mv.header.sender!r}")
+                        mv = open_model_version(rec.value, self.keys.trust,
+                                                max_bytes=MAX_MESSAGE_BYTES)
                         if not self.s.model_name or mv.model_name == self.s.model_name:
                             self._adopt(mv, rec.value)
                     except InvalidMessage as exc:

@@ -14,7 +14,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from schemas import fedstream_pb2 as pb
 from schemas.errors import InvalidMessage
-from schemas.signing import TrustStore, open_envelope
+from schemas.signing import TrustStore, open_model_version
 from schemas.topics import Topics
 
 log = logging.getLogger("fedstream.kafka")
@@ -59,8 +59,7 @@ async def catch_up(
         batch = await consumer.getmany(tp, timeout_ms=500)
         for rec in batch.get(tp, []):
             try:
-                mv = open_envelope(rec.value, pb.MODEL_VERSION, trust,
-                                   max_bytes=MAX_MESSAGE_BYTES).body
+                mv = open_model_version(rec.value, trust, max_bytes=MAX_MESSAGE_BYTES)
             except InvalidMessage as exc:
                 log.warning("skipping model record at offset %d: %s", rec.offset, exc)
                 continue

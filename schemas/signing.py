@@ -183,6 +183,20 @@ def open_envelope(data: bytes, kind: pb.Kind, trust: TrustStore, *, max_bytes: i
     return Opened(ident, body)
 
 
+def open_model_version(data: bytes, trust: TrustStore, *, max_bytes: int) -> pb.ModelVersion:
+    """Open a model-version envelope: valid only if the global aggregator signed it.
+
+    Raises:
+        InvalidMessage: any reason of :func:`open_envelope`, or ``unauthorized`` when another
+            identity (a region, an agent) signed it.
+    """
+    opened = open_envelope(data, pb.MODEL_VERSION, trust, max_bytes=max_bytes)
+    if opened.signer.role != "global":
+        raise InvalidMessage("unauthorized", f"model version signed by {opened.signer.name!r}, "
+                             "not by the global aggregator")
+    return opened.body
+
+
 def header(sender: str, round_id: int, model_version: int, fingerprint: str,
            chunk_index: int = 0, chunk_count: int = 1) -> pb.Header:
     return pb.Header(

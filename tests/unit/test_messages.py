@@ -13,7 +13,7 @@ from google.protobuf import descriptor_pb2
 
 from schemas import fedstream_pb2 as pb
 from schemas.errors import InvalidMessage
-from schemas.signing import Identity, TrustStore, header, open_envelope, seal
+from schemas.signing import Identity, TrustStore, header, open_envelope, open_model_version, seal
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,3 +133,17 @@ def test_bad_envelopes_are_named(keys):
     # a body whose header names someone else than the signer
     trust2 = TrustStore({"agent-002": Identity("agent-002", "agent", "region-0", good.public_key())})
     assert _reason(seal(pb.UPDATE_CHUNK, msg, "agent-002", good), trust2) == "sender_mismatch"
+
+
+def test_only_the_global_aggregator_may_sign_a_model_version():
+    glob, region = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    trust = TrustStore({"global": Identity("global", "global", "", glob.public_key()),
+                        "region-0": Identity("region-0", "region", "region-0",
+                                             region.public_key())})
+    mv = pb.ModelVersion(header=header("global", 1, 1, "ab" * 32), model_name="m", num_params=0)
+    assert open_model_version(seal(pb.MODEL_VERSION, mv, "global", glob), trust,
+                              max_bytes=1 << 20) == mv
+    mv.header.sender = "region-0"
+    with pytest.raises(InvalidMessage) as exc:
+        open_model_version(seal(pb.MODEL_VERSION, mv, "region-0", region), trust, max_bytes=1 << 20)
+    assert exc.value.reason == "unauthorized"
