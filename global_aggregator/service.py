@@ -288,15 +288,15 @@ class GlobalAggregator:
                             eval_sums.count += part.eval.count
                             update_bytes += part.update_bytes
             complete = set(gr.complete_regions) | empty
-            n = sum(len(a) for a in gr.participants.values())
             if complete >= expected:
                 break
-            if time.time() > task.deadline_unix + self.s.grace_s and n >= self.s.min_participants:
+            if (time.time() > task.deadline_unix + self.s.grace_s
+                    and gr.num_participants >= self.s.min_participants):
                 log.warning("round %d: deadline passed, closing with regions %s", r,
                             sorted(complete))
                 break
         participants = gr.participants
-        n = sum(len(a) for a in participants.values())
+        n = gr.num_participants
         metrics: dict[str, float] = {"participants": float(n), "update_bytes": float(update_bytes)}
         if n >= self.s.min_participants:
             avg, weight_sum, _ = gr.finish()

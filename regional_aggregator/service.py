@@ -32,7 +32,7 @@ from schemas.keyring import Keyring
 from schemas.mqtt import MqttLink
 from schemas.signing import header, open_envelope, open_model_version, seal
 from schemas.task import codec_params
-from schemas.telemetry import ACCEPTED, BYTES, KAFKA_RETRIES, REJECTED, ROUND, reject, serve
+from schemas.telemetry import ACCEPTED, BYTES, KAFKA_RETRIES, ROUND, reject, serve
 from schemas.topics import Topics
 
 log = logging.getLogger("fedstream.regional")
@@ -111,9 +111,9 @@ class RegionalAggregator:
         if old and not old.flushing and old.pending:
             # the round closed without our partial (global deadline): its updates are obsolete
             for agent in {*old.summer.agents, *old.summer.in_flight}:
-                REJECTED.labels(SERVICE, "round_closed").inc()
-                log.warning("%s: round %d closed before %s's update was forwarded",
-                            self.s.region, old.task.round, agent)
+                reject(SERVICE, InvalidMessage(
+                    "round_closed", f"round {old.task.round} closed before {agent}'s update "
+                    "was forwarded"), self.s.region)
             for msg in old.pending:
                 self.mqtt.ack(msg)
         if mv.final or not mv.HasField("next_task"):
@@ -227,17 +227,18 @@ class RegionalAggregator:
         r.flushing = True  # from here on the partial's agents are fixed; later arrivals are late
         agents = sorted(r.summer.agents)
         for agent in r.summer.in_flight:  # some chunks arrived, not all: not in this round
-            REJECTED.labels(SERVICE, "incomplete").inc()
-            log.warning("%s round %d: %s's update is incomplete at the flush; left out",
-                        self.s.region, r.task.round, agent)
+            reject(SERVICE, InvalidMessage(
+                "incomplete", f"{agent}'s round {r.task.round} update lacks chunks at the flush"),
+                self.s.region)
         enough = len(agents) >= self.s.min_agents_per_partial
         if enough:
             payloads = r.summer.partial()
         else:  # too few to hide any one agent: report an empty partial, drop the rest
-            log.warning("%s round %d: %d agents < min %d, sending an empty partial",
-                        self.s.region, r.task.round, len(agents), self.s.min_agents_per_partial)
-            for _ in agents:
-                REJECTED.labels(SERVICE, "too_few_agents").inc()
+            for agent in agents:
+                reject(SERVICE, InvalidMessage(
+                    "too_few_agents", f"round {r.task.round}: {agent} is one of {len(agents)} "
+                    f"agents, under the minimum of {self.s.min_agents_per_partial} per partial; "
+                    "sending an empty partial"), self.s.region)
             payloads, agents = [b""], []
         r.committed_agents = agents
         fp = r.task.he_fingerprint

@@ -36,9 +36,9 @@ def accepted(port: int, service: str, kind: str) -> float:
     return m.get(("fedstream_accepted_total", (("kind", kind), ("service", service))), 0.0)
 
 
-async def wait_accepted_above(port: int, service: str, kind: str, floor: float,
-                              timeout_s: float = 60) -> None:
-    """Wait until ``service`` has accepted more than ``floor`` messages of ``kind``."""
+async def wait_next_accepted(port: int, service: str, kind: str, timeout_s: float = 60) -> None:
+    """Wait until ``service`` accepts one more message of ``kind`` than it had so far."""
+    floor = accepted(port, service, kind)
     deadline = time.time() + timeout_s
     while accepted(port, service, kind) <= floor:
         if time.time() > deadline:
@@ -93,8 +93,7 @@ def test_regional_aggregator_killed_with_unacked_updates(stack_factory, tmp_path
     port = with_metrics(fed, "region-0")
 
     async def inject(v):
-        base = accepted(port, "regional", "update_chunk")
-        await wait_accepted_above(port, "regional", "update_chunk", base)  # >= 1 update summed
+        await wait_next_accepted(port, "regional", "update_chunk")  # >= 1 update summed
         fed.restart("region-0")  # its sum is gone; the broker still holds the unacked updates
 
     assert_same_as_reference(run_with_fault(stack, fed, inject), reference)
@@ -105,8 +104,7 @@ def test_global_aggregator_killed_mid_round(stack_factory, tmp_path, reference):
     port = with_metrics(fed, "global")
 
     async def inject(v):
-        base = accepted(port, "global", "partial_chunk")
-        await wait_accepted_above(port, "global", "partial_chunk", base)  # a partial consumed
+        await wait_next_accepted(port, "global", "partial_chunk")  # a partial consumed
         fed.restart("global")  # uncommitted: the next incarnation re-reads it
 
     assert_same_as_reference(run_with_fault(stack, fed, inject), reference)
@@ -117,8 +115,7 @@ def test_mosquitto_killed_mid_round(stack_factory, tmp_path, reference):
     port = with_metrics(fed, "region-0")
 
     async def inject(v):
-        base = accepted(port, "regional", "update_chunk")
-        await wait_accepted_above(port, "regional", "update_chunk", base)
+        await wait_next_accepted(port, "regional", "update_chunk")
         stack.restart_mosquitto("region-0", sig=9)
 
     assert_same_as_reference(run_with_fault(stack, fed, inject), reference)
@@ -129,8 +126,7 @@ def test_kafka_killed_mid_round(stack_factory, tmp_path, reference):
     port = with_metrics(fed, "global")
 
     async def inject(v):
-        base = accepted(port, "global", "partial_chunk")
-        await wait_accepted_above(port, "global", "partial_chunk", base)
+        await wait_next_accepted(port, "global", "partial_chunk")
         stack.restart_kafka(sig=9)
 
     assert_same_as_reference(run_with_fault(stack, fed, inject), reference)

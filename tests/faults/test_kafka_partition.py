@@ -12,11 +12,10 @@ from tests.e2e.helpers import make_federation, scrape, with_metrics
 from tests.faults.proxy import BlockingProxy
 from tests.faults.test_crash_anywhere import (
     REGIONS,
-    accepted,
     assert_same_as_reference,
     reference,  # noqa: F401  (the module-scoped fixture)
     run_with_fault,
-    wait_accepted_above,
+    wait_next_accepted,
 )
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -35,8 +34,7 @@ def test_regional_cut_off_from_kafka_then_reconnected(stack_factory, tmp_path, r
     cut_at = []
 
     async def inject(v):
-        base = accepted(port, "regional", "update_chunk")
-        await wait_accepted_above(port, "regional", "update_chunk", base)
+        await wait_next_accepted(port, "regional", "update_chunk")
         proxy.cut()
         cut_at.append(time.time())
         await asyncio.sleep(CUT_S)
