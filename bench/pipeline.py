@@ -220,7 +220,8 @@ def measure_stages(stack, keys_dir: Path, progress, task) -> dict:
                 t1 = time.perf_counter()
                 envs[a] = [seal(pb.UPDATE_CHUNK, pb.UpdateChunk(
                     header=header(a, 1, 0, fp, c, len(payloads)), agent_id=a, region=r,
-                    payload=p), a, keys[a]) for c, p in enumerate(payloads)]
+                    payload=p, weight=codec.weight(sizes[i]) if c == 0 else 0), a, keys[a],
+                    topic=f"{ns}/{r}/updates/{a}") for c, p in enumerate(payloads)]
                 t_sign.append(time.perf_counter() - t1)
                 t_enc.append(t1 - t0)
             res["encode"] = {"codec_encode_mean_s": _mean(t_enc), "sign_mean_s": _mean(t_sign),
@@ -257,19 +258,22 @@ def measure_stages(stack, keys_dir: Path, progress, task) -> dict:
             reg = []
             for r, ags in regions.items():
                 t0 = time.perf_counter()
-                ups = [open_envelope(e, pb.UPDATE_CHUNK, trust, max_bytes=4 << 20).body
+                ups = [open_envelope(e, pb.UPDATE_CHUNK, trust, max_bytes=4 << 20,
+                                     topic=f"{ns}/{r}/updates/{a}").body
                        for a in ags for e in envs[a]]
                 t1 = time.perf_counter()
-                rs = RegionalSum(codec, 1)
+                rs = RegionalSum(codec, 1, expected=ags, min_group=2, region=r)
                 for up in ups:
                     rs.add_chunk(up.agent_id, up.header.chunk_index, up.header.chunk_count,
-                                 up.payload)
+                                 up.payload, weight=up.weight)
                 t2 = time.perf_counter()
-                pl = rs.partial()
+                groups = rs.groups()
                 t3 = time.perf_counter()
                 partials[r] = [seal(pb.PARTIAL_CHUNK, pb.PartialChunk(
-                    header=header(r, 1, 0, fp, i, len(pl)), region=r, agents=rs.agents,
-                    payload=p), r, region_keys[r]) for i, p in enumerate(pl)]
+                    header=header(r, 1, 0, fp, i, len(g.payloads)), region=r, agents=g.agents,
+                    weights=g.weights, group=gi, group_count=len(groups), payload=p), r,
+                    region_keys[r], topic=topics.partials)
+                    for gi, g in enumerate(groups) for i, p in enumerate(g.payloads)]
                 t4 = time.perf_counter()
                 reg.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
             res["regional"] = {"verify_s": _mean([x[0] for x in reg]),
@@ -286,14 +290,17 @@ def measure_stages(stack, keys_dir: Path, progress, task) -> dict:
             progress.advance(task)
 
             # -- global: add the 3 partials, then finish() = decrypt (CKKS) + decode + average --
-            gr = GlobalRound(gcodec, 1)
+            gr = GlobalRound(gcodec, 1, min_group=2)
             t0 = time.perf_counter()
             for r, chunks in partials.items():
                 for raw in chunks:
-                    part = open_envelope(raw, pb.PARTIAL_CHUNK, trust, max_bytes=16 << 20).body
-                    gr.add_partial(r, part.header.chunk_index, part.payload, list(part.agents))
+                    part = open_envelope(raw, pb.PARTIAL_CHUNK, trust, max_bytes=16 << 20,
+                                         topic=topics.partials).body
+                    gr.add_partial(r, part.group, part.group_count, part.header.chunk_index,
+                                   part.payload, list(part.agents), list(part.weights))
             t1 = time.perf_counter()
-            avg, wsum, n = gr.finish()
+            result = gr.finish()
+            avg, n = result.avg_delta, result.num_participants
             t2 = time.perf_counter()
             assert n == NUM_AGENTS and avg.shape == (num_params,)
             res["global"] = {"add_partials_s": t1 - t0, "finish_s": t2 - t1, "participants": n}
@@ -460,8 +467,9 @@ def _publisher(conn, keys_dir: str, region: str, agents: list[str], host: str, p
         for r in range(rounds):  # the payload carries no round id; the signed header does
             for c, p in enumerate(payloads):
                 up = pb.UpdateChunk(header=header(a, r + 1, r, fp, c, len(payloads)),
-                                    agent_id=a, region=region, payload=p)
-                per_round[r].append((topic, seal(pb.UPDATE_CHUNK, up, a, key)))
+                                    agent_id=a, region=region, payload=p,
+                                    weight=codec.weight(100) if c == 0 else 0)
+                per_round[r].append((topic, seal(pb.UPDATE_CHUNK, up, a, key, topic=topic)))
     encode_s = time.perf_counter() - t0
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-feeder-{os.getpid()}",
                          clean_session=True, protocol=mqtt.MQTTv311)
@@ -542,7 +550,7 @@ def measure_regional_throughput(workdir: Path, n_agents: int, num_params: int, m
                                                       created_unix=time.time()),
                              final=False)
         mv.next_task.CopyFrom(task_pb)
-        return seal(pb.MODEL_VERSION, mv, GLOBAL_ID, glob.private_key)
+        return seal(pb.MODEL_VERSION, mv, GLOBAL_ID, glob.private_key, topic=topics.models)
 
     async def publish_model(raw: bytes) -> None:
         await ensure_topics(stack.kafka_bootstrap, topics)
@@ -582,12 +590,13 @@ def measure_regional_throughput(workdir: Path, n_agents: int, num_params: int, m
                 batch = await consumer.getmany(tp, timeout_ms=500)
                 for rec in batch.get(tp, []):
                     part = open_envelope(rec.value, pb.PARTIAL_CHUNK, trust,
-                                         max_bytes=16 << 20).body
+                                         max_bytes=16 << 20, topic=topics.partials).body
                     if part.header.round != round_id:
                         continue
-                    seen.add(part.header.chunk_index)
-                    want = part.header.chunk_count
-                    covered = list(part.agents)
+                    if (part.group, part.header.chunk_index) not in seen:
+                        covered += list(part.agents) if part.header.chunk_index == 0 else []
+                    seen.add((part.group, part.header.chunk_index))
+                    want = part.header.chunk_count * max(1, part.group_count)
                     t_partial, ts_ms = time.time(), rec.timestamp
             return t_partial, ts_ms, want, covered
         finally:

@@ -77,15 +77,18 @@ class Federation:
         self.procs[name] = proc
         return proc
 
-    def start_all(self) -> None:
-        """Topics, then regional aggregators, then the global, then the edge agents."""
+    def start_all(self, skip: tuple[str, ...] = ()) -> None:
+        """Topics, then regional aggregators, then the global, then the edge agents (all but
+        ``skip``: a test may run a process of its own in their place)."""
         asyncio.run(ensure_topics(self.kafka, Topics(self.namespace)))
         for region in self.fleet:
-            self.start(region)
+            if region not in skip:
+                self.start(region)
         self.start("global")
         for agents in self.fleet.values():
             for agent in agents:
-                self.start(agent)
+                if agent not in skip:
+                    self.start(agent)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]

@@ -39,6 +39,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from schemas.mqtt import MAX_PACKET_BYTES
+
 HOST = "127.0.0.1"
 MOSQUITTO_BIN = os.environ.get("FEDSTREAM_MOSQUITTO", shutil.which("mosquitto") or "/usr/sbin/mosquitto")
 KAFKA_VERSION = os.environ.get("KAFKA_VERSION", "4.1.1")
@@ -50,7 +52,7 @@ KAFKA_LIBS = Path(
 JAVA_BIN = os.environ.get("FEDSTREAM_JAVA", shutil.which("java") or "java")
 
 # MQTT packets carry update chunks of about 1 MB and retained model versions of several MB.
-MQTT_MAX_PACKET_SIZE = 64 * 1024 * 1024  # model versions of 1M+ parameters are several MB
+MQTT_MAX_PACKET_SIZE = MAX_PACKET_BYTES  # the services refuse larger messages too
 # Kafka: partials / model versions are chunked to about 1 MB, allow up to 8 MB per record batch.
 KAFKA_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 

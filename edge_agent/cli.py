@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-seed", env="DATA_SEED", type=int, default=0, help="data split seed")
     ap.add_argument("--straggle-s", env="STRAGGLE_S", type=float, default=0.0,
                     help="testing: wait this long before publishing each update")
+    ap.add_argument("--report-eval", env="REPORT_EVAL", action="store_true",
+                    help="opt in: send this device's local test loss and accuracy IN CLEAR beside "
+                    "its encrypted update (off by default: only ciphertext and a coarse weight "
+                    "leave the device)")
     add_mqtt_auth(ap)
     add_service_flags(ap)
     a = ap.parse_args(argv)
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
             agent_id=a.agent_id, region=a.region, mqtt_host=a.mqtt[0], mqtt_port=a.mqtt[1],
             keys_dir=a.keys, num_agents=a.num_agents, partition=a.partition, alpha=a.alpha,
             data_seed=a.data_seed, task_name=a.task, straggle_s=a.straggle_s,
-            metrics_port=a.metrics_port, namespace=a.namespace, **mqtt_auth(a),
+            metrics_port=a.metrics_port, namespace=a.namespace, report_eval=a.report_eval,
+            **mqtt_auth(a),
         ))
     except (ValueError, FileNotFoundError, InvalidMessage) as exc:
         ap.error(str(exc))

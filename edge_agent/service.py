@@ -3,7 +3,10 @@
 The agent keeps its update until a receipt from its regional aggregator names it for that round,
 and republishes it after every reconnect; the regional aggregator drops the duplicates. Its data
 never leaves the process: only the clipped, quantized, CKKS-encrypted delta does, made with the
-public HE context (this process cannot decrypt anything, not even its own update).
+public HE context (this process cannot decrypt anything, not even its own update). Its local
+evaluation numbers stay on the device unless the operator opts in (``--report-eval``); the only
+other thing that leaves in clear is its coarse weight (capped sample count, 3 significant bits),
+which the region range-checks. It refuses any model version older than the newest it has seen.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from edge_agent.models import make_spec
 from edge_agent.train import LocalTrainConfig, evaluate, local_seed, train_local
 from schemas import fedstream_pb2 as pb
 from schemas.codec import Codec, update_seed
-from schemas.errors import InvalidMessage
+from schemas.errors import InvalidMessage, Reason
 from schemas.kafka import MAX_MESSAGE_BYTES
 from schemas.keyring import Keyring
 from schemas.mqtt import MqttLink
@@ -52,6 +55,7 @@ class EdgeSettings:
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     mqtt_ca_file: Path | None = None
+    report_eval: bool = False  # send local loss/accuracy in clear beside the update (opt-in)
 
     @property
     def agent_index(self) -> int:
@@ -78,6 +82,7 @@ class EdgeAgent:
         self.finished = asyncio.Event()
         self._stop = asyncio.Event()
         self._busy = False
+        self._newest_version = -1
 
     def _republish(self) -> None:
         """Called in paho's thread after each (re)connect: resend every unreceipted update."""
@@ -86,7 +91,9 @@ class EdgeAgent:
             for raw in chunks:
                 self.mqtt.publish(self.t.update(self.s.region, self.s.agent_id), raw)
 
-    async def _train_and_publish(self, mv: pb.ModelVersion) -> None:
+    def build_update(self, mv: pb.ModelVersion) -> list[bytes]:
+        """Train on the local data from ``mv`` and return the signed update chunk envelopes
+        (blocking: call it off the event loop)."""
         task = mv.next_task
         info = TASKS[task.task_name]
         spec = make_spec(task.model_name, info.input_shape, info.num_classes)
@@ -97,32 +104,36 @@ class EdgeAgent:
                       self.keys.he if task.codec.encrypted else None)
         params = np.frombuffer(mv.params, "<f4").copy()
         x, y, xt, yt = self.data
-
-        def work() -> tuple[list[bytes], dict[str, float]]:
-            ev = evaluate(spec, params, xt, yt)
-            delta, n, _ = train_local(spec, params, x, y, cfg,
-                                      local_seed(task.seed, task.round, self.s.agent_id))
-            payloads = codec.encode(delta, n, update_seed(task.seed, task.round, self.s.agent_id))
-            return payloads, ev
-
-        try:
-            payloads, ev = await asyncio.to_thread(work)
-        except (InvalidMessage, ValueError) as exc:
-            log.error("%s: round %d failed locally: %s", self.s.agent_id, task.round, exc)
-            return
-        if self.s.straggle_s:
-            await asyncio.sleep(self.s.straggle_s)
+        ev = evaluate(spec, params, xt, yt) if self.s.report_eval else {}
+        delta, n, _ = train_local(spec, params, x, y, cfg,
+                                  local_seed(task.seed, task.round, self.s.agent_id))
+        payloads = codec.encode(delta, n, update_seed(task.seed, task.round, self.s.agent_id))
+        weight = codec.weight(n)
+        topic = self.t.update(self.s.region, self.s.agent_id)
         chunks = []
         for i, payload in enumerate(payloads):
             up = pb.UpdateChunk(
                 header=header(self.s.agent_id, task.round, mv.header.model_version,
                               task.he_fingerprint, i, len(payloads)),
                 agent_id=self.s.agent_id, region=self.s.region, payload=payload,
+                weight=weight if i == 0 else 0,
                 eval=pb.EvalSums(loss_sum=ev["loss"] * len(yt),
                                  accuracy_sum=ev["accuracy"] * len(yt), count=len(yt))
-                if i == 0 else None,
+                if i == 0 and ev else None,
             )
-            chunks.append(seal(pb.UPDATE_CHUNK, up, self.s.agent_id, self.keys.private_key))
+            chunks.append(seal(pb.UPDATE_CHUNK, up, self.s.agent_id, self.keys.private_key,
+                               topic=topic))
+        return chunks
+
+    async def _train_and_publish(self, mv: pb.ModelVersion) -> None:
+        task = mv.next_task
+        try:
+            chunks = await asyncio.to_thread(self.build_update, mv)
+        except (InvalidMessage, ValueError) as exc:
+            log.error("%s: round %d failed locally: %s", self.s.agent_id, task.round, exc)
+            return
+        if self.s.straggle_s:
+            await asyncio.sleep(self.s.straggle_s)
         self.pending[task.round] = chunks
         for raw in chunks:
             self.mqtt.publish(self.t.update(self.s.region, self.s.agent_id), raw)
@@ -132,7 +143,12 @@ class EdgeAgent:
                  task.round, len(chunks), sum(map(len, chunks)), ", after the deadline" if late else "")
 
     def _on_model(self, raw: bytes) -> pb.ModelVersion | None:
-        mv = open_model_version(raw, self.keys.trust, max_bytes=MAX_MESSAGE_BYTES)
+        mv = open_model_version(raw, self.keys.trust, max_bytes=MAX_MESSAGE_BYTES,
+                                topic=self.t.models)
+        if mv.header.model_version < self._newest_version:
+            raise InvalidMessage(Reason.STALE_VERSION, f"model v{mv.header.model_version} is "
+                                 f"older than v{self._newest_version}, already seen")
+        self._newest_version = mv.header.model_version
         if mv.final:
             self.pending.clear()
             return mv
@@ -149,7 +165,8 @@ class EdgeAgent:
         return mv
 
     def _on_receipt(self, raw: bytes) -> None:
-        rc = open_envelope(raw, pb.RECEIPT, self.keys.trust, max_bytes=1 << 20).body
+        rc = open_envelope(raw, pb.RECEIPT, self.keys.trust, max_bytes=1 << 20,
+                           topic=self.t.receipts(self.s.region)).body
         if rc.region != self.s.region or rc.header.sender != self.s.region:
             raise InvalidMessage("unauthorized", f"receipt from {rc.header.sender!r}")
         if self.s.agent_id in rc.agents and self.pending.pop(rc.header.round, None) is not None:

@@ -46,8 +46,21 @@ def build_parser() -> EnvDefaults:
     ap.add_argument("--clip-coord", env="CLIP_COORD", type=float, default=CodecParams.clip_coord)
     ap.add_argument("--max-summands", env="MAX_SUMMANDS", type=int, default=64,
                     help="largest number of updates one sum may hold")
+    ap.add_argument("--chunk-bytes", env="CHUNK_BYTES", type=int,
+                    default=CodecParams.chunk_bytes,
+                    help="target size of one update chunk (one MQTT / Kafka message)")
     ap.add_argument("--plaintext", env="PLAINTEXT", action="store_true",
                     help="trusted deployments: quantize + zstd, no HE")
+    ap.add_argument("--min-group", env="MIN_GROUP", type=int, default=GlobalSettings.min_group,
+                    help="privacy floor k: never decrypt a sum of fewer agents (regions sum "
+                    "agents in groups of at least k)")
+    ap.add_argument("--quarantine-after", env="QUARANTINE_AFTER", type=int,
+                    default=GlobalSettings.quarantine_after,
+                    help="quarantine a device after this many rounds in a row in which its group "
+                    "failed the bounds (lift with fedstream-quarantine)")
+    ap.add_argument("--linger-s", env="LINGER_S", type=float, default=0.0,
+                    help="after the final version, keep serving /metrics this many seconds (or "
+                    "until SIGTERM) so the last round's numbers can be scraped")
     ap.add_argument("--local-optimizer", env="LOCAL_OPTIMIZER", default="sgd")
     ap.add_argument("--local-lr", env="LOCAL_LR", type=float, default=0.1)
     ap.add_argument("--local-epochs", env="LOCAL_EPOCHS", type=int, default=1)
@@ -64,11 +77,13 @@ def settings_from_args(a) -> GlobalSettings:
         round_deadline_s=a.deadline_s, grace_s=a.grace_s, task_name=a.task,
         model_name=a.model, seed=a.seed, clients_per_round=a.clients_per_round,
         codec=CodecParams(bits=a.bits, clip_l2=a.clip_l2, clip_coord=a.clip_coord,
-                          max_summands=a.max_summands, encrypted=not a.plaintext),
+                          max_summands=a.max_summands, encrypted=not a.plaintext,
+                          chunk_bytes=a.chunk_bytes),
         train=LocalTrainConfig(optimizer=a.local_optimizer, lr=a.local_lr,
                                epochs=a.local_epochs, batch_size=a.batch_size,
                                prox_mu=a.prox_mu),
         metrics_port=a.metrics_port, secret_context=a.secret_context, namespace=a.namespace,
+        min_group=a.min_group, quarantine_after=a.quarantine_after, linger_s=a.linger_s,
     )
 
 

@@ -1,125 +1,230 @@
-"""Combining the regions' encrypted partial sums into the round's average delta (pure).
+"""Combining the regions' encrypted group sums into the round's average delta (pure).
 
-Each region sends its partial as ``codec.num_chunks`` payloads (one Kafka message per chunk), each
-tagged with the agents it covers. :class:`GlobalRound` drops duplicates by ``(region, chunk)``,
-folds a region into the running total once all its chunks are there, and :meth:`GlobalRound.finish`
-decrypts ONLY the total — one ``codec.decode`` per round — and turns it into the weighted mean
-delta with ``codec.average``. No single region's partial, let alone an agent's update, is ever
-decrypted.
+Each region sends its partial as disjoint groups of at least k agents (the privacy floor), each
+group as ``codec.num_chunks`` payloads (one Kafka message per chunk) tagged with its agents and
+their clear, range-checked weights. :class:`GlobalRound` verifies every chunk whole before it
+counts (:func:`schemas.verify.verify_chunk` with ``summands`` = the group's size), drops
+duplicates by ``(region, group, chunk)`` and folds a group once all its chunks are there.
+
+:meth:`GlobalRound.finish` decrypts the total of all groups once and checks it against what
+honest devices can produce (:func:`schemas.verify.check_sum`: the decrypted weight sum equals the
+clear weights; the L2 norm is within the clipping bound). Only if that fails does it narrow the
+failure down, never decrypting a sum of fewer than k agents: each region's total, then each
+group of a failing region. Failing groups are left out, the round closes with the others, and
+the result says who was excluded and why. No input makes it raise: a round always ends.
 
 Example:
-    >>> gr = GlobalRound(codec, round_id=3)
-    >>> for i, payload in enumerate(regional_sum.partial()):
-    ...     gr.add_partial("region-0", i, payload, regional_sum.agents)
-    >>> avg_delta, weight_sum, n = gr.finish()
-    >>> params, opt_state = next_model(opt, params, opt_state, avg_delta)
+    >>> gr = GlobalRound(codec, round_id=3, min_group=2)
+    >>> for g, group in enumerate(regional_sum.groups()):
+    ...     for i, payload in enumerate(group.payloads):
+    ...         gr.add_partial("region-0", g, n_groups, i, payload, group.agents, group.weights)
+    >>> result = gr.finish()
+    >>> params, opt_state = next_model(opt, params, opt_state, result.avg_delta)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from global_aggregator.strategies import OptState, server_step
-from schemas.errors import InvalidMessage
+from schemas.accumulator import Accumulator
+from schemas.errors import BoundsExceeded, InvalidMessage, Reason
+from schemas.framing import Chunk
+from schemas.plan import is_coarse_weight
+from schemas.verify import check_sum, verify_chunk, whole
 
 
-class GlobalRound:
-    """The global tier's state for one round: partial chunks in, one decryption out."""
+@dataclass(frozen=True)
+class Excluded:
+    """A group left out of the round: where, who, and the check it failed."""
 
-    def __init__(self, codec: Any, round_id: int, min_agents_per_partial: int = 1) -> None:
-        self.codec = codec
-        self.round_id = round_id
-        self.min_agents_per_partial = min_agents_per_partial
-        self._num_chunks: int = codec.num_chunks
-        self._total: list[bytes | None] = [None] * self._num_chunks
-        self._pending: dict[str, dict[int, bytes]] = {}
-        self._agents: dict[str, list[str]] = {}
-        self._complete: set[str] = set()
+    region: str
+    agents: list[str]
+    reason: Reason
+    detail: str
 
-    def add_partial(self, region: str, chunk_index: int, payload: bytes, agents: list[str]) -> bool:
-        """Accept one chunk of ``region``'s partial sum.
 
-        Returns:
-            ``True`` if new, ``False`` for a duplicate ``(region, chunk_index)`` (ignored).
+@dataclass
+class RoundResult:
+    """What a round produced: the average delta (``None``: nothing usable, model unchanged)."""
 
-        Raises:
-            InvalidMessage: ``chunk_index_out_of_range``, ``chunk_index_mismatch``,
-                ``too_few_agents`` (below ``min_agents_per_partial``), ``agents_mismatch`` (chunks
-                of one region naming different agents), ``agent_in_two_regions``.
-        """
-        if not 0 <= chunk_index < self._num_chunks:
-            raise InvalidMessage(
-                "chunk_index_out_of_range", f"{region} sent chunk {chunk_index}/{self._num_chunks}"
-            )
-        if region in self._complete or chunk_index in self._pending.get(region, {}):
-            return False
-        agents = sorted(agents)
-        if len(agents) < self.min_agents_per_partial or len(set(agents)) != len(agents):
-            raise InvalidMessage(
-                "too_few_agents",
-                f"{region}'s partial covers {len(set(agents))} distinct agents, "
-                f"need {self.min_agents_per_partial}",
-            )
-        known = self._agents.get(region)
-        if known is not None and known != agents:
-            raise InvalidMessage("agents_mismatch", f"{region}'s chunks name different agents")
-        if known is None:
-            for other, theirs in self._agents.items():
-                if set(theirs) & set(agents):
-                    raise InvalidMessage(
-                        "agent_in_two_regions",
-                        f"{sorted(set(theirs) & set(agents))} in both {other} and {region}",
-                    )
-        header_index = self.codec.chunk_index(payload)
-        if header_index != chunk_index:
-            raise InvalidMessage(
-                "chunk_index_mismatch", f"{region} labelled chunk {header_index} as {chunk_index}"
-            )
-        self._agents[region] = agents
-        buffered = self._pending.setdefault(region, {})
-        buffered[chunk_index] = payload
-        if len(buffered) == self._num_chunks:
-            chunks = self._pending.pop(region)
-            for i in range(self._num_chunks):
-                acc = self._total[i]
-                self._total[i] = chunks[i] if acc is None else self.codec.add(acc, chunks[i])
-            self._complete.add(region)
-        return True
-
-    @property
-    def complete_regions(self) -> list[str]:
-        """Sorted regions whose whole partial is in the total."""
-        return sorted(self._complete)
-
-    @property
-    def participants(self) -> dict[str, list[str]]:
-        """Complete regions -> sorted agents their partial covers."""
-        return {r: self._agents[r] for r in sorted(self._complete)}
+    avg_delta: np.ndarray | None
+    weight_sum: int
+    participants: dict[str, list[str]]
+    excluded: list[Excluded] = field(default_factory=list)
 
     @property
     def num_participants(self) -> int:
-        return sum(len(self._agents[r]) for r in self._complete)
+        return sum(len(a) for a in self.participants.values())
 
-    def has(self, region: str) -> bool:
-        return region in self._complete
 
-    def finish(self) -> tuple[np.ndarray, int, int]:
-        """Decrypt the total once and average it.
+@dataclass
+class _Group:
+    agents: list[str]
+    weights: list[int]
+    chunks: dict[int, Chunk] = field(default_factory=dict)
+    acc: Accumulator | None = None
+
+    @property
+    def weight(self) -> int:
+        return sum(self.weights)
+
+
+class GlobalRound:
+    """The global tier's state for one round: group sums in, checked average out."""
+
+    def __init__(self, codec: Any, round_id: int, min_group: int = 1) -> None:
+        if min_group < 1:
+            raise ValueError("min_group must be at least 1")
+        self.codec = codec
+        self.round_id = round_id
+        self.min_group = min_group
+        self._num_chunks: int = codec.num_chunks
+        self._groups: dict[str, dict[int, _Group]] = {}
+        self._group_count: dict[str, int] = {}
+        self._owner: dict[str, tuple[str, int]] = {}   # agent -> (region, group)
+
+    def add_partial(self, region: str, group: int, group_count: int, chunk_index: int,
+                    payload: bytes, agents: Sequence[str], weights: Sequence[int]) -> bool:
+        """Verify and accept one chunk of one group of ``region``'s partial.
 
         Returns:
-            ``(avg_delta float32, weight_sum, num_participants)``; ``weight_sum`` is the codec's
-            integer sum of the participants' (capped, quantized) sample-count weights.
+            ``True`` if new, ``False`` for a duplicate ``(region, group, chunk)`` (ignored).
 
         Raises:
-            ValueError: if no region is complete.
+            InvalidMessage: ``bad_group``, ``too_few_agents`` (below the privacy floor),
+                ``bad_weight``, ``agents_mismatch`` (chunks of one group naming different
+                agents), ``agent_in_two_regions`` (or in two groups), or any reason of
+                :func:`schemas.verify.verify_chunk`. A refused chunk changes no state.
         """
-        if not self._complete:
-            raise ValueError(f"round {self.round_id}: no complete partial to decrypt")
-        qsum, weight_sum = self.codec.decode([t for t in self._total if t is not None])
-        avg = np.asarray(self.codec.average(qsum, weight_sum), dtype=np.float32)
-        return avg, int(weight_sum), self.num_participants
+        known_count = self._group_count.get(region)
+        if not 1 <= group_count <= 1024 or not 0 <= group < group_count \
+                or (known_count is not None and known_count != group_count):
+            raise InvalidMessage(Reason.BAD_GROUP, f"{region} sent group {group} of "
+                                 f"{group_count} (known count: {known_count})")
+        g = self._groups.get(region, {}).get(group)
+        if g is not None and (g.acc is not None or chunk_index in g.chunks):
+            return False
+        agents = list(agents)
+        weights = [int(w) for w in weights]
+        if len(agents) < self.min_group or len(set(agents)) != len(agents):
+            raise InvalidMessage(Reason.TOO_FEW_AGENTS,
+                                 f"{region} group {group} covers {len(set(agents))} distinct "
+                                 f"agents, the privacy floor is {self.min_group}")
+        cap = self.codec.params.weight_cap
+        if len(weights) != len(agents) or not all(is_coarse_weight(w, cap) for w in weights):
+            raise InvalidMessage(Reason.BAD_WEIGHT,
+                                 f"{region} group {group}: weights {weights[:8]} do not match "
+                                 f"its {len(agents)} agents or are not coarse weights <= {cap}")
+        order = sorted(range(len(agents)), key=agents.__getitem__)
+        agents, weights = [agents[i] for i in order], [weights[i] for i in order]
+        if g is not None and (g.agents != agents or g.weights != weights):
+            raise InvalidMessage(Reason.AGENTS_MISMATCH,
+                                 f"{region} group {group}'s chunks name different agents")
+        if g is None:
+            for a in agents:
+                if a in self._owner:
+                    raise InvalidMessage(Reason.AGENT_IN_TWO_REGIONS,
+                                         f"{a} in {self._owner[a]} and in ({region}, {group})")
+        chunk = verify_chunk(self.codec, payload, index=chunk_index, summands=len(agents),
+                             weight=sum(weights))
+        if g is None:
+            g = self._groups.setdefault(region, {}).setdefault(group, _Group(agents, weights))
+            self._group_count[region] = group_count
+            for a in agents:
+                self._owner[a] = (region, group)
+        g.chunks[chunk_index] = chunk
+        if len(g.chunks) == self._num_chunks:
+            g.acc = Accumulator(self.codec)
+            g.acc.add(whole(self.codec, g.chunks))
+            g.chunks = {}
+        return True
+
+    def _complete_groups(self, region: str) -> list[_Group]:
+        return [g for _, g in sorted(self._groups.get(region, {}).items()) if g.acc is not None]
+
+    @property
+    def complete_regions(self) -> list[str]:
+        """Sorted regions whose every group is in."""
+        return sorted(r for r, n in self._group_count.items()
+                      if len(self._complete_groups(r)) == n)
+
+    @property
+    def participants(self) -> dict[str, list[str]]:
+        """Regions -> sorted agents of their complete groups (a group is all or nothing)."""
+        out = {}
+        for r in sorted(self._groups):
+            agents = sorted(a for g in self._complete_groups(r) for a in g.agents)
+            if agents:
+                out[r] = agents
+        return out
+
+    @property
+    def num_participants(self) -> int:
+        return sum(len(a) for a in self.participants.values())
+
+    def has(self, region: str) -> bool:
+        return region in self.complete_regions
+
+    # ------------------------------------------------------------------ decrypt and check
+
+    def _test(self, groups: list[_Group]) -> tuple[np.ndarray, int] | BoundsExceeded:
+        """Decrypt the sum of ``groups`` (>= k agents by construction) and check its bounds."""
+        accs = [g.acc for g in groups if g.acc is not None]
+        total = Accumulator.total(self.codec, accs)
+        n, clear = total.summands, sum(g.weight for g in groups)
+        try:
+            qsum, weight = total.decode()
+            check_sum(self.codec, qsum, weight, summands=n, clear_weight=clear)
+        except BoundsExceeded as exc:
+            return exc
+        return qsum, weight
+
+    def finish(self) -> RoundResult:
+        """Decrypt the total once; if it fails its bounds, isolate and leave out the failing
+        groups (regions first, then groups inside a failing region). Never raises for input."""
+        regions = {r: self._complete_groups(r) for r in sorted(self._groups)}
+        regions = {r: gs for r, gs in regions.items() if gs}
+        every = [g for gs in regions.values() for g in gs]
+        if not every:
+            return RoundResult(None, 0, {})
+        first = self._test(every)
+        if not isinstance(first, BoundsExceeded):
+            qsum, weight = first
+            return self._result(qsum, weight, regions, [])
+        # Narrow down: a region's total, then its groups; sums of passing parts add up exactly.
+        qsum = np.zeros(self.codec.num_params, np.int64)
+        weight = 0
+        kept: dict[str, list[_Group]] = {}
+        excluded: list[Excluded] = []
+        for r, gs in regions.items():
+            outcome = self._test(gs)
+            if not isinstance(outcome, BoundsExceeded):
+                qsum += outcome[0]
+                weight += outcome[1]
+                kept[r] = gs
+                continue
+            for g in gs:
+                one = self._test([g]) if len(gs) > 1 else outcome
+                if isinstance(one, BoundsExceeded):
+                    excluded.append(Excluded(r, g.agents, one.reason, one.detail))
+                else:
+                    qsum += one[0]
+                    weight += one[1]
+                    kept.setdefault(r, []).append(g)
+        if not kept:
+            return RoundResult(None, 0, {}, excluded)
+        return self._result(qsum, weight, kept, excluded)
+
+    def _result(self, qsum: np.ndarray, weight: int, kept: dict[str, list[_Group]],
+                excluded: list[Excluded]) -> RoundResult:
+        avg = np.asarray(self.codec.average(qsum, weight), dtype=np.float32)
+        participants = {r: sorted(a for g in gs for a in g.agents) for r, gs in kept.items()}
+        return RoundResult(avg, int(weight), participants, excluded)
 
 
 def next_model(

@@ -51,9 +51,11 @@ class VerifiedModel:
     offset: int
 
 
-def verify_model(raw: bytes, trust: TrustStore, offset: int = -1) -> VerifiedModel:
+def verify_model(raw: bytes, trust: TrustStore, offset: int = -1, *,
+                 namespace: str = "fedstream") -> VerifiedModel:
     """Verify one model-topic record; raises InvalidMessage if it is not the global's."""
-    mv = open_model_version(raw, trust, max_bytes=MAX_MESSAGE_BYTES)
+    mv = open_model_version(raw, trust, max_bytes=MAX_MESSAGE_BYTES,
+                            topic=Topics(namespace).models)
     params = np.frombuffer(mv.params, "<f4")
     if params.size != mv.num_params:
         raise InvalidMessage("truncated", f"{params.size} parameters, header says {mv.num_params}")
@@ -75,7 +77,8 @@ async def model_versions(
     follow: bool = True,
     idle_timeout_s: float | None = None,
 ) -> AsyncIterator[VerifiedModel]:
-    """Yield verified model versions in topic order (committed transactions only).
+    """Yield verified model versions in topic order (committed transactions only); a version
+    older than one already yielded (an appended old version) is refused as ``stale_version``.
 
     Args:
         from_beginning: start at the oldest retained version (the topic is compacted, so this is
@@ -95,6 +98,7 @@ async def model_versions(
             await consumer.seek_to_end(tp)
         end = (await consumer.end_offsets([tp]))[tp]
         idle = 0.0
+        newest: dict[str, int] = {}
         while True:
             if not follow and await consumer.position(tp) >= end:
                 return
@@ -105,10 +109,14 @@ async def model_versions(
                 return
             for rec in recs:
                 try:
-                    v = verify_model(rec.value, trust, rec.offset)
+                    v = verify_model(rec.value, trust, rec.offset, namespace=namespace)
                 except InvalidMessage as exc:
-                    REJECTED.labels("consumer", exc.reason).inc()
+                    REJECTED.labels("consumer", str(exc.reason)).inc()
                     continue
+                if v.version < newest.get(v.model_name, -1):
+                    REJECTED.labels("consumer", "stale_version").inc()
+                    continue
+                newest[v.model_name] = v.version
                 if model_name is None or v.model_name == model_name:
                     yield v
     finally:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.partition import assign_regions
 from schemas.he import fingerprint, generate_keys
-from schemas.keyring import GLOBAL_ID
+from schemas.keyring import GLOBAL_ID, OPERATOR_ID
 from schemas.signing import Identity, TrustStore, save_private_key
 
 
@@ -58,6 +58,7 @@ def write_keys(out: Path, num_agents: int, num_regions: int,
         ids[name] = Identity(name, role, region, key.public_key())
 
     make(GLOBAL_ID, "global", "")
+    make(OPERATOR_ID, "operator", "")
     for region, agents in fleet(num_agents, num_regions).items():
         make(region, "region", region)
         for agent in agents:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="fedstream-keygen",
         description="Generate the HE contexts (public for edge/regional, secret for the global "
-        "aggregator) and Ed25519 identities (global, one per region, one per agent).",
+        "aggregator) and Ed25519 identities (global, operator, one per region, one per agent).",
     )
     ap.add_argument("--out", type=Path, required=True, help="key directory to write")
     ap.add_argument("--agents", type=int, default=12, help="number of edge agents (default 12)")

@@ -6,8 +6,15 @@ is produced in ONE Kafka transaction together with the consumer offsets of the p
 commit leaves neither the model version nor the offsets: the restarted process re-reads the same
 partials and computes the same version. Duplicate partials by (round, region, chunk) are dropped.
 The server optimizer state travels inside every model version, so a restart resumes from the
-topics alone. Only this tier holds the secret HE key, and it decrypts only the total of all
-partials of a round (``GlobalRound.finish``), never a single region's sum.
+topics alone. Only this tier holds the secret HE key. It decrypts the total of all partials of a
+round (``GlobalRound.finish``) and checks it against the bounds honest devices respect; only when
+the total fails does it decrypt region totals and then groups of a failing region, never a sum of
+fewer than ``min_group`` (k) agents. Failing groups are left out of the round (recorded in the
+version's provenance and counted), devices that fail ``quarantine_after`` rounds in a row are
+quarantined (refused by their region) until an operator lifts it with a signed command on the
+control topic, which is consumed inside the same transaction as the partials. A round always
+ends by its deadline plus grace; with fewer than ``min_participants`` usable agents the model is
+republished unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from edge_agent.data import TASKS, server_test_set
 from edge_agent.models import init_params, make_spec
 from edge_agent.train import LocalTrainConfig, evaluate
-from global_aggregator.combine import GlobalRound
+from global_aggregator.combine import GlobalRound, RoundResult
 from global_aggregator.sampling import select_agents
 from global_aggregator.strategies import (
     init_state,
@@ -37,7 +44,7 @@ from global_aggregator.strategies import (
 )
 from schemas import fedstream_pb2 as pb
 from schemas.codec import Codec, CodecParams
-from schemas.errors import InvalidMessage
+from schemas.errors import InvalidMessage, Reason
 from schemas.kafka import (
     CLIENT_SIZES,
     CONSUMER_SIZES,
@@ -48,7 +55,18 @@ from schemas.kafka import (
 from schemas.keyring import GLOBAL_ID, Keyring
 from schemas.signing import header, open_envelope, seal
 from schemas.task import codec_params, codec_spec
-from schemas.telemetry import ACCEPTED, BYTES, KAFKA_RETRIES, ROUND, ROUND_SECONDS, reject, serve
+from schemas.telemetry import (
+    ACCEPTED,
+    ANOMALIES,
+    ANOMALOUS_ROUNDS,
+    BYTES,
+    KAFKA_RETRIES,
+    QUARANTINED,
+    ROUND,
+    ROUND_SECONDS,
+    reject,
+    serve,
+)
 from schemas.topics import Topics
 
 log = logging.getLogger("fedstream.global")
@@ -77,6 +95,9 @@ class GlobalSettings:
     namespace: str = "fedstream"
     kafka_retry_s: float = 2.0
     secret_context: Path | None = None  # default: keys_dir/he/secret.ctx
+    min_group: int = 2  # privacy floor k: no sum of fewer agents is ever decrypted
+    quarantine_after: int = 3  # consecutive failed rounds before a device is quarantined
+    linger_s: float = 0.0  # after the final version, keep serving metrics this long (or SIGTERM)
 
     @property
     def transactional_id(self) -> str:
@@ -93,6 +114,8 @@ class GlobalSettings:
             raise ValueError("min_participants must be at least 1")
         if not 0 < self.clients_per_round <= 1:
             raise ValueError("clients_per_round must be in (0, 1]")
+        if self.min_group < 1 or self.quarantine_after < 1:
+            raise ValueError("min_group and quarantine_after must be at least 1")
         if self.task_name not in TASKS:
             raise ValueError(f"unknown task {self.task_name!r}; known: {sorted(TASKS)}")
 
@@ -126,7 +149,8 @@ class GlobalAggregator:
 
     # -- pure-ish helpers ------------------------------------------------------------------
 
-    def _task(self, round_id: int, version: int) -> pb.RoundTask:
+    def _task(self, round_id: int, version: int, quarantined: list[str],
+              suspects: list[str]) -> pb.RoundTask:
         selected = select_agents(self.agents, self.s.clients_per_round, self.s.seed, round_id)
         return pb.RoundTask(
             round=round_id, model_version=version, codec=codec_spec(self.s.codec),
@@ -134,24 +158,30 @@ class GlobalAggregator:
             min_participants=self.s.min_participants, he_fingerprint=self.keys.he.fingerprint,
             seed=self.s.seed, selected_agents=selected if len(selected) < len(self.agents) else [],
             model_name=self.s.model, task_name=self.s.task_name,
+            quarantined_agents=sorted(quarantined), min_group=self.s.min_group,
+            suspected_agents=sorted(suspects),
         )
 
     def _version(self, version: int, round_id: int, params: np.ndarray, opt_state_raw: bytes,
-                 provenance: pb.Provenance) -> pb.ModelVersion:
+                 provenance: pb.Provenance,
+                 quarantine: pb.Quarantine | None = None) -> pb.ModelVersion:
+        quarantine = quarantine if quarantine is not None else pb.Quarantine()
         final = round_id >= self.s.rounds
         mv = pb.ModelVersion(
             header=header(GLOBAL_ID, round_id, version, self.keys.he.fingerprint),
             model_name=self.s.model, num_params=int(params.size),
             params=np.asarray(params, "<f4").tobytes(), optimizer_state=opt_state_raw,
-            provenance=provenance, final=final,
+            provenance=provenance, final=final, quarantine=quarantine,
         )
         if not final:
-            mv.next_task.CopyFrom(self._task(round_id + 1, version))
+            mv.next_task.CopyFrom(self._task(
+                round_id + 1, version, list(quarantine.agents),
+                [a for a in quarantine.strikes if a not in quarantine.agents]))
         return mv
 
     def _check_partial(self, raw: bytes, round_id: int) -> pb.PartialChunk:
         part = open_envelope(raw, pb.PARTIAL_CHUNK, self.keys.trust,
-                             max_bytes=MAX_MESSAGE_BYTES).body
+                             max_bytes=MAX_MESSAGE_BYTES, topic=self.t.partials).body
         who = self.keys.trust.get(part.header.sender)
         if who is None or who.role != "region" or part.region != part.header.sender:
             raise InvalidMessage("unauthorized", f"{part.header.sender!r} is not a region")
@@ -165,6 +195,18 @@ class GlobalAggregator:
             if a is None or a.region != part.region:
                 raise InvalidMessage("unauthorized", f"{agent!r} is not an agent of {part.region}")
         return part
+
+    def _check_control(self, raw: bytes) -> pb.Control:
+        opened = open_envelope(raw, pb.CONTROL, self.keys.trust, max_bytes=1 << 20,
+                               topic=self.t.control)
+        if opened.signer.role not in ("operator", "global"):
+            raise InvalidMessage(Reason.UNAUTHORIZED, f"control command signed by "
+                                 f"{opened.signer.name!r}, not by an operator")
+        cmd = opened.body
+        if cmd.action != "lift" or not cmd.agents:
+            raise InvalidMessage(Reason.BAD_COMMAND, f"unknown command {cmd.action!r} or no "
+                                 "agents (known: lift AGENT...)")
+        return cmd
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -190,6 +232,9 @@ class GlobalAggregator:
                     log.warning("Kafka failed (%s: %s); resuming from the topics", type(exc).__name__,
                                 exc)
                     await asyncio.sleep(self.s.kafka_retry_s)
+            if self.s.linger_s > 0:  # keep /metrics up for a last scrape, until SIGTERM
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stop), self.s.linger_s)
         finally:
             stop.cancel()
 
@@ -211,7 +256,8 @@ class GlobalAggregator:
         try:
             await producer.start()
             await consumer.start()
-            consumer.assign([TopicPartition(self.t.partials, 0)])
+            consumer.assign([TopicPartition(self.t.partials, 0),
+                             TopicPartition(self.t.control, 0)])
             await self._rounds(producer, consumer)
         finally:
             for client in (consumer, producer):
@@ -220,7 +266,7 @@ class GlobalAggregator:
 
     async def _publish(self, producer: AIOKafkaProducer, mv: pb.ModelVersion,
                        consumer: AIOKafkaConsumer | None) -> bytes:
-        raw = seal(pb.MODEL_VERSION, mv, GLOBAL_ID, self.keys.private_key)
+        raw = seal(pb.MODEL_VERSION, mv, GLOBAL_ID, self.keys.private_key, topic=self.t.models)
         async with producer.transaction():
             await producer.send(self.t.models, raw, key=mv.model_name.encode())
             if consumer is not None and consumer.assignment():
@@ -257,25 +303,33 @@ class GlobalAggregator:
         state = state_from_bytes(self.opt, params, mv.optimizer_state)
         codec = Codec(codec_params(task.codec), mv.num_params,
                       self.keys.he if task.codec.encrypted else None)
-        gr = GlobalRound(codec, r)
+        gr = GlobalRound(codec, r, min_group=max(self.s.min_group, task.min_group))
         eval_sums = pb.EvalSums()
         seen_eval: set[str] = set()
         empty: set[str] = set()  # regions that reported "no partial this round"
+        lifts: set[str] = set()  # agents an operator released from quarantine
         update_bytes = 0
         expected = set(self.regions)
         while True:
             batch = await consumer.getmany(timeout_ms=200)
-            for _, recs in batch.items():
+            for tp, recs in batch.items():
                 for rec in recs:
                     BYTES.labels(SERVICE, "kafka_in").inc(len(rec.value))
+                    if tp.topic == self.t.control:
+                        try:
+                            lifts.update(self._check_control(rec.value).agents)
+                        except InvalidMessage as exc:
+                            reject(SERVICE, exc, f"control record at offset {rec.offset}")
+                        continue
                     try:
                         part = self._check_partial(rec.value, r)
                         if not part.agents and not part.payload:  # region had too few agents
                             fresh = part.region not in empty
                             empty.add(part.region)
                         else:
-                            fresh = gr.add_partial(part.region, part.header.chunk_index,
-                                                   part.payload, list(part.agents))
+                            fresh = gr.add_partial(part.region, part.group, part.group_count,
+                                                   part.header.chunk_index, part.payload,
+                                                   list(part.agents), list(part.weights))
                     except InvalidMessage as exc:
                         reject(SERVICE, exc, f"partial at offset {rec.offset}")
                         continue
@@ -286,25 +340,26 @@ class GlobalAggregator:
                             eval_sums.loss_sum += part.eval.loss_sum
                             eval_sums.accuracy_sum += part.eval.accuracy_sum
                             eval_sums.count += part.eval.count
-                            update_bytes += part.update_bytes
+                        update_bytes += part.update_bytes
             complete = set(gr.complete_regions) | empty
             if complete >= expected:
                 break
-            if (time.time() > task.deadline_unix + self.s.grace_s
-                    and gr.num_participants >= self.s.min_participants):
+            if time.time() > task.deadline_unix + self.s.grace_s:  # a round always ends
                 log.warning("round %d: deadline passed, closing with regions %s", r,
                             sorted(complete))
                 break
-        participants = gr.participants
-        n = gr.num_participants
-        metrics: dict[str, float] = {"participants": float(n), "update_bytes": float(update_bytes)}
-        if n >= self.s.min_participants:
-            avg, weight_sum, _ = gr.finish()
-            params, state = server_step(self.opt, params, state, avg)
-            metrics["weight_sum"] = float(weight_sum)
+        result = gr.finish()
+        n = result.num_participants
+        metrics: dict[str, float] = {"participants": float(n), "update_bytes": float(update_bytes),
+                                     "excluded_agents": float(sum(len(e.agents)
+                                                                  for e in result.excluded))}
+        if result.avg_delta is not None and n >= self.s.min_participants:
+            params, state = server_step(self.opt, params, state, result.avg_delta)
+            metrics["weight_sum"] = float(result.weight_sum)
         else:
-            log.warning("round %d: %d participants < %d; model unchanged", r, n,
+            log.warning("round %d: %d usable participants (need %d); model unchanged", r, n,
                         self.s.min_participants)
+        quarantine = self._quarantine(mv.quarantine, result, lifts)
         ev = evaluate(self.spec, params, *self.test_set)
         metrics.update({"server_accuracy": ev["accuracy"], "server_loss": ev["loss"]})
         if eval_sums.count:
@@ -314,16 +369,48 @@ class GlobalAggregator:
             parent_version=version, round=r, codec=task.codec, strategy=self.s.strategy,
             created_unix=time.time(), metrics=metrics,
             participants=[pb.RegionParticipants(region=k, agents=v)
-                          for k, v in sorted(participants.items())],
+                          for k, v in sorted(result.participants.items())],
+            excluded=[pb.ExcludedGroup(region=e.region, agents=e.agents, reason=str(e.reason),
+                                       detail=e.detail) for e in result.excluded],
         )
         new = self._version(version + 1, r, np.asarray(params, np.float32),
-                            state_to_bytes(state), prov)
+                            state_to_bytes(state), prov, quarantine)
         raw = await self._publish(producer, new, consumer)
         ROUND_SECONDS.observe(time.time() - t0)
         self.history.append({"round": r, "version": version + 1, "bytes": len(raw), **metrics})
         log.info("round %d -> model v%d: %d participants, accuracy %.3f", r, version + 1, n,
                  ev["accuracy"])
         return new
+
+    def _quarantine(self, old: pb.Quarantine, result: RoundResult,
+                    lifts: set[str]) -> pb.Quarantine:
+        """Next quarantine state: a strike per excluded agent, reset for every agent whose update
+        counted; ``quarantine_after`` strikes in a row quarantine a device; lifts clear both.
+        Counted here (a restart that recomputes a round publishes the same state)."""
+        strikes = dict(old.strikes)
+        quarantined = set(old.agents)
+        if result.excluded:
+            ANOMALOUS_ROUNDS.inc()
+        for e in result.excluded:
+            ANOMALIES.labels(str(e.reason)).inc(len(e.agents))
+            log.warning("round excluded %s group %s: %s", e.region, e.agents, e.detail)
+            for a in e.agents:
+                reject(SERVICE, InvalidMessage(Reason.EXCLUDED_GROUP,
+                                               f"{a} ({e.region}) left out: {e.reason}"))
+                strikes[a] = strikes.get(a, 0) + 1
+                if strikes[a] >= self.s.quarantine_after and a not in quarantined:
+                    quarantined.add(a)
+                    log.warning("%s quarantined after %d failed rounds in a row", a, strikes[a])
+        for agents in result.participants.values():
+            for a in agents:
+                strikes.pop(a, None)
+        for a in lifts:
+            if a in quarantined or a in strikes:
+                log.info("operator lifted the quarantine of %s", a)
+            quarantined.discard(a)
+            strikes.pop(a, None)
+        QUARANTINED.set(len(quarantined))
+        return pb.Quarantine(strikes=strikes, agents=sorted(quarantined))
 
     def stop(self) -> None:
         self._stop.set()

@@ -69,6 +69,9 @@ class SimConfig:
         clients_per_round: fraction of agents sampled each round (seeded).
         dropout: probability that a sampled agent never delivers its update (seeded).
         federated_eval: also evaluate every agent's local test shard each round.
+        min_group: the privacy floor k (regions sum agents in groups of at least k).
+        excluded: round -> agent ids left out of that round (what the global excluded after a
+            failed bounds check): the reference a federation with an attacker is compared with.
     """
 
     task: str = "digits"
@@ -101,6 +104,8 @@ class SimConfig:
     clients_per_round: float = 1.0
     dropout: float = 0.0
     federated_eval: bool = True
+    min_group: int = 1
+    excluded: dict[int, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -210,8 +215,12 @@ def simulate(
         deltas: list[np.ndarray] = []
         counts: list[int] = []
         train_losses: list[float] = []
+        left_out = cfg.excluded.get(round_id, frozenset())
         sums = (
-            {r: RegionalSum(edge_codec, round_id) for r in range(cfg.num_regions)}
+            {r: RegionalSum(edge_codec, round_id, min_group=cfg.min_group, seed=cfg.seed,
+                            region=region_id(r),
+                            expected=[agent_id(i) for i in sampled if regions[i] == r])
+             for r in range(cfg.num_regions)}
             if edge_codec is not None
             else {}
         )
@@ -224,7 +233,7 @@ def simulate(
             )
             t["train"] += time.perf_counter() - t0
             train_losses.append(metrics["loss"])
-            if i not in delivering:  # trained, but the update never arrives
+            if i not in delivering or aid in left_out:  # trained, but the update never counts
                 continue
             if edge_codec is None:
                 deltas.append(delta)
@@ -237,24 +246,30 @@ def simulate(
             bytes_up += sum(len(c) for c in chunks)
             t0 = time.perf_counter()
             for ci, payload in enumerate(chunks):
-                sums[regions[i]].add_chunk(aid, ci, len(chunks), payload)
+                sums[regions[i]].add_chunk(aid, ci, len(chunks), payload,
+                                           weight=edge_codec.weight(n))
             t["regional_sum"] += time.perf_counter() - t0
 
-        participants = len(delivering)
+        participants = len([i for i in delivering if agent_id(i) not in left_out])
         if participants:
             t0 = time.perf_counter()
+            avg: np.ndarray | None
             if global_codec is None:
                 avg = _float_average(deltas, counts)
             else:
-                gr = GlobalRound(global_codec, round_id)
+                gr = GlobalRound(global_codec, round_id, min_group=cfg.min_group)
                 for r, rs in sums.items():
-                    if rs.num_agents:
-                        for ci, payload in enumerate(rs.partial()):
-                            gr.add_partial(region_id(r), ci, payload, rs.agents)
-                avg, _, participants = gr.finish()
+                    groups = rs.groups()
+                    for g, group in enumerate(groups):
+                        for ci, payload in enumerate(group.payloads):
+                            gr.add_partial(region_id(r), g, len(groups), ci, payload,
+                                           group.agents, group.weights)
+                result = gr.finish()
+                avg, participants = result.avg_delta, result.num_participants
             t["global_decode"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            params, opt_state = server_step(opt, params, opt_state, avg)
+            if avg is not None:
+                params, opt_state = server_step(opt, params, opt_state, avg)
             t["server_step"] += time.perf_counter() - t0
 
         ev = evaluate(spec, params, x_test, y_test)

@@ -8,7 +8,11 @@ the same sum; duplicates by (round, agent, chunk) are dropped, and the global ag
 second partial for the same (round, region). Receipts naming the committed agents are published
 after the commit, so edge agents can forget their update.
 
-The region never holds a secret key: it only adds ciphertexts (``Codec.add``) it cannot read.
+The region never holds a secret key: it only adds ciphertexts it cannot read. It does check all
+it can see before anything changes state (signature bound to the update's own topic, membership,
+quarantine, the clear weight's range, every chunk's layout and ``summands == 1``; see
+:mod:`regional_aggregator.summing`), answers duplicates without storing them, limits each
+device's message rate, and bounds its inbox (backpressure to the broker).
 """
 
 from __future__ import annotations
@@ -23,16 +27,27 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from regional_aggregator.ratelimit import TokenBuckets
+from regional_aggregator.robust import make_rule
 from regional_aggregator.summing import RegionalSum
 from schemas import fedstream_pb2 as pb
 from schemas.codec import Codec
-from schemas.errors import InvalidMessage
+from schemas.errors import InvalidMessage, Reason
 from schemas.kafka import CLIENT_SIZES, MAX_MESSAGE_BYTES, catch_up, ensure_topics, model_consumer
 from schemas.keyring import Keyring
-from schemas.mqtt import MqttLink
+from schemas.mqtt import MAX_PACKET_BYTES, MqttLink
 from schemas.signing import header, open_envelope, open_model_version, seal
 from schemas.task import codec_params
-from schemas.telemetry import ACCEPTED, BYTES, KAFKA_RETRIES, ROUND, reject, serve
+from schemas.telemetry import (
+    ACCEPTED,
+    BYTES,
+    DUPLICATES,
+    INBOX_DEPTH,
+    KAFKA_RETRIES,
+    ROUND,
+    reject,
+    serve,
+)
 from schemas.topics import Topics
 
 log = logging.getLogger("fedstream.regional")
@@ -47,8 +62,13 @@ class RegionalSettings:
     kafka_bootstrap: str
     keys_dir: Path
     model_name: str = ""  # relay only this model; empty: the namespace's one model
-    min_agents_per_partial: int = 1
-    max_message_bytes: int = 4 << 20
+    min_agents_per_partial: int = 2  # the privacy floor k; the round task's may raise it
+    max_groups: int = 8  # at most this many groups per partial (see summing.py)
+    max_message_bytes: int = MAX_PACKET_BYTES
+    inbox_size: int = 128  # MQTT messages waiting to be verified (backpressure beyond)
+    rate_per_s: float = 20.0  # sustained messages per second per device
+    rate_burst: float = 200.0  # messages a device may send at once (a whole republished update)
+    robust: str = ""  # plaintext rounds only: a rule of regional_aggregator.robust, e.g. "median"
     metrics_port: int | None = None
     kafka_retry_s: float = 1.0
     kafka_timeout_s: float = 10.0  # one Kafka request's timeout
@@ -61,6 +81,12 @@ class RegionalSettings:
     def __post_init__(self) -> None:
         if self.min_agents_per_partial < 1:
             raise ValueError("min_agents_per_partial must be at least 1")
+        if self.max_groups < 1 or self.inbox_size < 1:
+            raise ValueError("max_groups and inbox_size must be at least 1")
+        if not self.rate_per_s > 0 or not self.rate_burst >= 1:
+            raise ValueError("rate_per_s must be > 0 and rate_burst >= 1")
+        if self.robust:
+            make_rule(self.robust)  # refuse nonsense at start-up
 
 
 @dataclass
@@ -72,6 +98,7 @@ class _Round:
     codec: Codec
     expected: set[str]
     summer: RegionalSum
+    quarantined: set[str] = field(default_factory=set)
     pending: list = field(default_factory=list)  # MQTT messages to ack after the commit
     eval: pb.EvalSums = field(default_factory=pb.EvalSums)
     flushing: bool = False  # the partial is being committed: its agent set is fixed
@@ -92,17 +119,24 @@ class RegionalAggregator:
         self.round: _Round | None = None
         self.closed_round = 0  # every round up to this one is over for this region
         self._model_raw: bytes | None = None
+        self._newest_version: int | None = None
         self._receipt_raw: bytes | None = None
         self._producer: AIOKafkaProducer | None = None
         self._round_changed = asyncio.Event()
         self._stop = asyncio.Event()
+        self._rate = TokenBuckets(settings.rate_per_s, settings.rate_burst)
 
     # -- model versions: Kafka -> retained MQTT ------------------------------------------------
 
     def _adopt(self, mv: pb.ModelVersion, raw: bytes) -> None:
         """Start the round carried by a newer model version and relay it to the edge."""
-        if self.round and mv.header.model_version <= self.round.model.header.model_version:
+        newest = self._newest_version
+        if newest is not None and mv.header.model_version <= newest:
+            if mv.header.model_version < newest:
+                raise InvalidMessage(Reason.STALE_VERSION, f"model v{mv.header.model_version} "
+                                     f"is older than v{newest}, already relayed")
             return
+        self._newest_version = mv.header.model_version
         self._model_raw = raw
         self.mqtt.publish(self.t.model(self.s.region), raw, retain=True)
         BYTES.labels(SERVICE, "mqtt_out").inc(len(raw))
@@ -126,8 +160,15 @@ class RegionalAggregator:
             raise InvalidMessage("wrong_fingerprint", "round task names another HE context")
         codec = Codec(codec_params(task.codec), mv.num_params,
                       self.keys.he if task.codec.encrypted else None)
-        selected = set(task.selected_agents) or self.agents
-        self.round = _Round(mv, task, codec, selected & self.agents, RegionalSum(codec, task.round))
+        quarantined = set(task.quarantined_agents)
+        expected = (set(task.selected_agents) or self.agents) & self.agents - quarantined
+        k = max(self.s.min_agents_per_partial, task.min_group)
+        summer = RegionalSum(codec, task.round, expected=sorted(expected), min_group=k,
+                             max_groups=self.s.max_groups, seed=task.seed, region=self.s.region,
+                             suspects=list(task.suspected_agents),
+                             robust=make_rule(self.s.robust)
+                             if self.s.robust and not task.codec.encrypted else None)
+        self.round = _Round(mv, task, codec, expected, summer, quarantined)
         ROUND.labels(SERVICE).set(task.round)
         log.info("%s: round %d on model v%d, expecting %s", self.s.region, task.round,
                  mv.header.model_version, sorted(self.round.expected))
@@ -139,7 +180,7 @@ class RegionalAggregator:
                 async for rec in consumer:
                     try:
                         mv = open_model_version(rec.value, self.keys.trust,
-                                                max_bytes=MAX_MESSAGE_BYTES)
+                                                max_bytes=MAX_MESSAGE_BYTES, topic=self.t.models)
                         if not self.s.model_name or mv.model_name == self.s.model_name:
                             self._adopt(mv, rec.value)
                     except InvalidMessage as exc:
@@ -159,65 +200,82 @@ class RegionalAggregator:
 
     # -- updates: MQTT -> running sum ----------------------------------------------------------
 
-    def _check_update(self, raw: bytes) -> pb.UpdateChunk:
-        up = open_envelope(raw, pb.UPDATE_CHUNK, self.keys.trust,
-                           max_bytes=self.s.max_message_bytes).body
-        who = self.keys.trust.get(up.header.sender)
-        if who is None or who.role != "agent" or who.region != self.s.region:
-            raise InvalidMessage("unauthorized", f"{up.header.sender!r} is not an agent of "
-                                 f"{self.s.region}")
-        if up.agent_id != up.header.sender:
-            raise InvalidMessage("sender_mismatch", "agent_id differs from the signer")
+    def _check_update(self, raw: bytes, topic: str) -> pb.UpdateChunk:
+        """Everything about an update chunk's envelope, before its payload is looked at."""
         r = self.round
+        limit = self.s.max_message_bytes if r is None else \
+            min(self.s.max_message_bytes, r.codec.max_payload_bytes() + 64 * 1024)
+        up = open_envelope(raw, pb.UPDATE_CHUNK, self.keys.trust, max_bytes=limit,
+                           topic=topic).body
+        sender = up.header.sender
+        who = self.keys.trust.get(sender)
+        if who is None or who.role != "agent" or who.region != self.s.region:
+            raise InvalidMessage(Reason.UNAUTHORIZED, f"{sender!r} is not an agent of "
+                                 f"{self.s.region}")
+        if topic != self.t.update(self.s.region, sender):
+            raise InvalidMessage(Reason.WRONG_TOPIC, f"{sender} signed an update for {topic}, "
+                                 "another agent's topic")
+        if up.agent_id != sender or up.region != self.s.region:
+            raise InvalidMessage(Reason.SENDER_MISMATCH, "agent_id or region differs from the "
+                                 "signer's")
+        if not self._rate.take(sender):
+            raise InvalidMessage(Reason.RATE_LIMITED, f"{sender} sends faster than "
+                                 f"{self.s.rate_per_s}/s (burst {self.s.rate_burst:.0f})")
         if up.header.round <= self.closed_round:
-            raise InvalidMessage("late", f"update for round {up.header.round}, which is closed")
+            raise InvalidMessage(Reason.LATE, f"update for round {up.header.round}, which is "
+                                 "closed")
         if r is None:
-            raise InvalidMessage("wrong_round", f"round {up.header.round} but no round is open")
+            raise InvalidMessage(Reason.WRONG_ROUND,
+                                 f"round {up.header.round} but no round is open")
         if up.header.round != r.task.round:
-            reason = "late" if up.header.round < r.task.round else "wrong_round"
+            reason = Reason.LATE if up.header.round < r.task.round else Reason.WRONG_ROUND
             raise InvalidMessage(reason, f"update for round {up.header.round}, "
                                  f"region is on round {r.task.round}")
         if up.header.he_fingerprint != r.task.he_fingerprint:
-            raise InvalidMessage("wrong_fingerprint", "update made with another HE context")
-        if (r.flushing or r.flushed) and up.agent_id not in r.committed_agents:
-            raise InvalidMessage("late", f"{up.agent_id} arrived after round {r.task.round}'s "
+            raise InvalidMessage(Reason.WRONG_FINGERPRINT, "update made with another HE context")
+        if sender in r.quarantined:
+            raise InvalidMessage(Reason.QUARANTINED, f"{sender} is quarantined after repeated "
+                                 "failed updates")
+        if (r.flushing or r.flushed) and sender not in r.committed_agents:
+            raise InvalidMessage(Reason.LATE, f"{sender} arrived after round {r.task.round}'s "
                                  "partial was closed")
-        if up.agent_id not in r.expected:
-            raise InvalidMessage("not_selected", f"{up.agent_id} was not asked for this round")
+        if sender not in r.expected:
+            raise InvalidMessage(Reason.NOT_SELECTED, f"{sender} was not asked for this round")
         return up
 
     def _on_update(self, msg) -> None:
         BYTES.labels(SERVICE, "mqtt_in").inc(len(msg.payload))
+        INBOX_DEPTH.labels(SERVICE).set(self.mqtt.inbox.qsize())
         try:
-            up = self._check_update(msg.payload)
+            up = self._check_update(msg.payload, msg.topic)
         except InvalidMessage as exc:
             reject(SERVICE, exc, f"update on {msg.topic}")
             self.mqtt.ack(msg)  # a refused message is final: never redeliver it
             return
         r = self.round
         assert r is not None
-        if r.flushed:  # a duplicate of a committed update: ack, and re-send the receipt
+        if r.flushing or r.flushed or r.summer.is_duplicate(up.agent_id, up.header.chunk_index):
+            # a duplicate: the original is summed (and acked after the commit, or redelivered
+            # after a crash), so this copy is acked at once and never stored
+            DUPLICATES.labels(SERVICE).inc()
             self.mqtt.ack(msg)
-            self._publish_receipt(r)
-            return
-        if r.flushing:  # a duplicate of an update in the partial being committed
-            r.pending.append(msg)
+            if r.flushed:
+                self._publish_receipt(r)
             return
         try:
-            fresh = r.summer.add_chunk(up.agent_id, up.header.chunk_index,
-                                       up.header.chunk_count, up.payload)
+            r.summer.add_chunk(up.agent_id, up.header.chunk_index, up.header.chunk_count,
+                               up.payload, weight=up.weight)
         except InvalidMessage as exc:
             reject(SERVICE, exc, f"update from {up.agent_id}")
             self.mqtt.ack(msg)
             return
         r.pending.append(msg)
-        if fresh:
-            ACCEPTED.labels(SERVICE, "update_chunk").inc()
-            r.update_bytes += len(msg.payload)
-            if up.header.chunk_index == 0 and up.HasField("eval"):
-                r.eval.loss_sum += up.eval.loss_sum
-                r.eval.accuracy_sum += up.eval.accuracy_sum
-                r.eval.count += up.eval.count
+        ACCEPTED.labels(SERVICE, "update_chunk").inc()
+        r.update_bytes += len(msg.payload)
+        if up.header.chunk_index == 0 and up.HasField("eval"):
+            r.eval.loss_sum += up.eval.loss_sum
+            r.eval.accuracy_sum += up.eval.accuracy_sum
+            r.eval.count += up.eval.count
         if set(r.summer.agents) >= r.expected:
             self._round_changed.set()
 
@@ -225,34 +283,37 @@ class RegionalAggregator:
 
     async def _flush(self, r: _Round) -> None:
         r.flushing = True  # from here on the partial's agents are fixed; later arrivals are late
-        agents = sorted(r.summer.agents)
         for agent in r.summer.in_flight:  # some chunks arrived, not all: not in this round
             reject(SERVICE, InvalidMessage(
-                "incomplete", f"{agent}'s round {r.task.round} update lacks chunks at the flush"),
-                self.s.region)
-        enough = len(agents) >= self.s.min_agents_per_partial
-        if enough:
-            payloads = r.summer.partial()
-        else:  # too few to hide any one agent: report an empty partial, drop the rest
-            for agent in agents:
+                Reason.INCOMPLETE, f"{agent}'s round {r.task.round} update lacks chunks at the "
+                "flush"), self.s.region)
+        groups = r.summer.groups()
+        if not groups:  # too few to hide any one agent: report an empty partial, drop the rest
+            for agent in r.summer.agents:
                 reject(SERVICE, InvalidMessage(
-                    "too_few_agents", f"round {r.task.round}: {agent} is one of {len(agents)} "
-                    f"agents, under the minimum of {self.s.min_agents_per_partial} per partial; "
-                    "sending an empty partial"), self.s.region)
-            payloads, agents = [b""], []
-        r.committed_agents = agents
+                    Reason.TOO_FEW_AGENTS, f"round {r.task.round}: {agent} is one of "
+                    f"{r.summer.num_agents} agents, under the privacy floor of "
+                    f"{r.summer.min_group}; sending an empty partial"), self.s.region)
+        r.committed_agents = sorted(a for g in groups for a in g.agents)
         fp = r.task.he_fingerprint
         mv = r.model.header.model_version
         records = []
-        for i, payload in enumerate(payloads):
-            part = pb.PartialChunk(
-                header=header(self.s.region, r.task.round, mv, fp, i, len(payloads)),
-                region=self.s.region, agents=agents, payload=payload,
-                eval=r.eval if (i == 0 and enough) else None,
-                update_bytes=r.update_bytes if (i == 0 and enough) else 0,
-            )
-            raw = seal(pb.PARTIAL_CHUNK, part, self.s.region, self.keys.private_key)
-            records.append((f"{r.task.round}/{self.s.region}/{i}".encode(), raw))
+        for gi, group in enumerate(groups or [None]):
+            payloads = group.payloads if group is not None else [b""]
+            for i, payload in enumerate(payloads):
+                first = gi == 0 and i == 0 and group is not None
+                part = pb.PartialChunk(
+                    header=header(self.s.region, r.task.round, mv, fp, i, len(payloads)),
+                    region=self.s.region, payload=payload, group=gi,
+                    group_count=len(groups),
+                    agents=group.agents if group is not None else [],
+                    weights=group.weights if group is not None else [],
+                    eval=r.eval if first and r.eval.count else None,
+                    update_bytes=r.update_bytes if first else 0,
+                )
+                raw = seal(pb.PARTIAL_CHUNK, part, self.s.region, self.keys.private_key,
+                           topic=self.t.partials)
+                records.append((f"{r.task.round}/{self.s.region}/{gi}/{i}".encode(), raw))
         await self._commit_partial(records)
         BYTES.labels(SERVICE, "kafka_out").inc(sum(len(raw) for _, raw in records))
         # committed: now (and only now) the broker may forget the updates
@@ -261,8 +322,8 @@ class RegionalAggregator:
             self.mqtt.ack(msg)
         r.pending.clear()
         self._publish_receipt(r)
-        log.info("%s round %d: partial of %d agents committed", self.s.region, r.task.round,
-                 len(agents))
+        log.info("%s round %d: partial of %d agents in %d groups committed", self.s.region,
+                 r.task.round, len(r.committed_agents), len(groups))
 
     async def _new_producer(self) -> AIOKafkaProducer:
         """A transactional producer: starting it fences (and aborts the open transaction of) any
@@ -308,7 +369,8 @@ class RegionalAggregator:
                           r.task.he_fingerprint),
             region=self.s.region, agents=r.committed_agents,
         )
-        self._receipt_raw = seal(pb.RECEIPT, rc, self.s.region, self.keys.private_key)
+        self._receipt_raw = seal(pb.RECEIPT, rc, self.s.region, self.keys.private_key,
+                                 topic=self.t.receipts(self.s.region))
         self.mqtt.publish(self.t.receipts(self.s.region), self._receipt_raw, retain=True)
 
     async def _rounds(self) -> None:
@@ -343,7 +405,7 @@ class RegionalAggregator:
             subscriptions=[self.t.updates(self.s.region)], loop=loop,
             persistent=True, manual_ack=True, on_connect=self._on_reconnect,
             username=self.s.mqtt_username, password=self.s.mqtt_password,
-            ca_file=self.s.mqtt_ca_file,
+            ca_file=self.s.mqtt_ca_file, inbox_size=self.s.inbox_size,
         )
         await ensure_topics(self.s.kafka_bootstrap, self.t)
         self._producer = await self._new_producer()

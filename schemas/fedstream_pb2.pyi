@@ -14,11 +14,13 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPDATE_CHUNK: _ClassVar[Kind]
     PARTIAL_CHUNK: _ClassVar[Kind]
     RECEIPT: _ClassVar[Kind]
+    CONTROL: _ClassVar[Kind]
 KIND_UNSPECIFIED: Kind
 MODEL_VERSION: Kind
 UPDATE_CHUNK: Kind
 PARTIAL_CHUNK: Kind
 RECEIPT: Kind
+CONTROL: Kind
 
 class Envelope(_message.Message):
     __slots__ = ("schema_version", "kind", "signer", "body", "signature")
@@ -85,7 +87,7 @@ class TrainSpec(_message.Message):
     def __init__(self, optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., prox_mu: _Optional[float] = ...) -> None: ...
 
 class RoundTask(_message.Message):
-    __slots__ = ("round", "model_version", "codec", "train", "deadline_unix", "min_participants", "he_fingerprint", "seed", "selected_agents", "model_name", "task_name")
+    __slots__ = ("round", "model_version", "codec", "train", "deadline_unix", "min_participants", "he_fingerprint", "seed", "selected_agents", "model_name", "task_name", "quarantined_agents", "min_group", "suspected_agents")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,9 @@ class RoundTask(_message.Message):
     SELECTED_AGENTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_NAME_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_GROUP_FIELD_NUMBER: _ClassVar[int]
+    SUSPECTED_AGENTS_FIELD_NUMBER: _ClassVar[int]
     round: int
     model_version: int
     codec: CodecSpec
@@ -108,7 +113,10 @@ class RoundTask(_message.Message):
     selected_agents: _containers.RepeatedScalarFieldContainer[str]
     model_name: str
     task_name: str
-    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., min_participants: _Optional[int] = ..., he_fingerprint: _Optional[str] = ..., seed: _Optional[int] = ..., selected_agents: _Optional[_Iterable[str]] = ..., model_name: _Optional[str] = ..., task_name: _Optional[str] = ...) -> None: ...
+    quarantined_agents: _containers.RepeatedScalarFieldContainer[str]
+    min_group: int
+    suspected_agents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., min_participants: _Optional[int] = ..., he_fingerprint: _Optional[str] = ..., seed: _Optional[int] = ..., selected_agents: _Optional[_Iterable[str]] = ..., model_name: _Optional[str] = ..., task_name: _Optional[str] = ..., quarantined_agents: _Optional[_Iterable[str]] = ..., min_group: _Optional[int] = ..., suspected_agents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegionParticipants(_message.Message):
     __slots__ = ("region", "agents")
@@ -118,8 +126,35 @@ class RegionParticipants(_message.Message):
     agents: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ExcludedGroup(_message.Message):
+    __slots__ = ("region", "agents", "reason", "detail")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    detail: str
+    def __init__(self, region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class Quarantine(_message.Message):
+    __slots__ = ("strikes", "agents")
+    class StrikesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    STRIKES_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    strikes: _containers.ScalarMap[str, int]
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, strikes: _Optional[_Mapping[str, int]] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Provenance(_message.Message):
-    __slots__ = ("parent_version", "round", "participants", "metrics", "codec", "strategy", "created_unix")
+    __slots__ = ("parent_version", "round", "participants", "metrics", "codec", "strategy", "created_unix", "excluded")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +169,7 @@ class Provenance(_message.Message):
     CODEC_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_FIELD_NUMBER: _ClassVar[int]
     parent_version: int
     round: int
     participants: _containers.RepeatedCompositeFieldContainer[RegionParticipants]
@@ -141,10 +177,11 @@ class Provenance(_message.Message):
     codec: CodecSpec
     strategy: str
     created_unix: float
-    def __init__(self, parent_version: _Optional[int] = ..., round: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[RegionParticipants, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., strategy: _Optional[str] = ..., created_unix: _Optional[float] = ...) -> None: ...
+    excluded: _containers.RepeatedCompositeFieldContainer[ExcludedGroup]
+    def __init__(self, parent_version: _Optional[int] = ..., round: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[RegionParticipants, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., strategy: _Optional[str] = ..., created_unix: _Optional[float] = ..., excluded: _Optional[_Iterable[_Union[ExcludedGroup, _Mapping]]] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("header", "model_name", "num_params", "params", "optimizer_state", "provenance", "next_task", "final")
+    __slots__ = ("header", "model_name", "num_params", "params", "optimizer_state", "provenance", "next_task", "final", "quarantine")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +190,7 @@ class ModelVersion(_message.Message):
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     NEXT_TASK_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINE_FIELD_NUMBER: _ClassVar[int]
     header: Header
     model_name: str
     num_params: int
@@ -161,7 +199,8 @@ class ModelVersion(_message.Message):
     provenance: Provenance
     next_task: RoundTask
     final: bool
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., model_name: _Optional[str] = ..., num_params: _Optional[int] = ..., params: _Optional[bytes] = ..., optimizer_state: _Optional[bytes] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., next_task: _Optional[_Union[RoundTask, _Mapping]] = ..., final: _Optional[bool] = ...) -> None: ...
+    quarantine: Quarantine
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., model_name: _Optional[str] = ..., num_params: _Optional[int] = ..., params: _Optional[bytes] = ..., optimizer_state: _Optional[bytes] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., next_task: _Optional[_Union[RoundTask, _Mapping]] = ..., final: _Optional[bool] = ..., quarantine: _Optional[_Union[Quarantine, _Mapping]] = ...) -> None: ...
 
 class EvalSums(_message.Message):
     __slots__ = ("loss_sum", "accuracy_sum", "count")
@@ -174,34 +213,52 @@ class EvalSums(_message.Message):
     def __init__(self, loss_sum: _Optional[float] = ..., accuracy_sum: _Optional[float] = ..., count: _Optional[float] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
-    __slots__ = ("header", "agent_id", "region", "payload", "eval")
+    __slots__ = ("header", "agent_id", "region", "payload", "eval", "weight")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     header: Header
     agent_id: str
     region: str
     payload: bytes
     eval: EvalSums
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_id: _Optional[str] = ..., region: _Optional[str] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ...) -> None: ...
+    weight: int
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_id: _Optional[str] = ..., region: _Optional[str] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class PartialChunk(_message.Message):
-    __slots__ = ("header", "region", "agents", "payload", "eval", "update_bytes")
+    __slots__ = ("header", "region", "agents", "payload", "eval", "update_bytes", "group", "group_count", "weights")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    GROUP_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     header: Header
     region: str
     agents: _containers.RepeatedScalarFieldContainer[str]
     payload: bytes
     eval: EvalSums
     update_bytes: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ..., update_bytes: _Optional[int] = ...) -> None: ...
+    group: int
+    group_count: int
+    weights: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ..., update_bytes: _Optional[int] = ..., group: _Optional[int] = ..., group_count: _Optional[int] = ..., weights: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Control(_message.Message):
+    __slots__ = ("header", "action", "agents")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    action: str
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., action: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Receipt(_message.Message):
     __slots__ = ("header", "region", "agents")

@@ -34,6 +34,7 @@ async def ensure_topics(bootstrap: str, topics: Topics) -> None:
             NewTopic(topics.partials, num_partitions=1, replication_factor=1, topic_configs=size),
             NewTopic(topics.models, num_partitions=1, replication_factor=1,
                      topic_configs={**size, "cleanup.policy": "compact"}),
+            NewTopic(topics.control, num_partitions=1, replication_factor=1, topic_configs=size),
         ]
         for topic in new:
             try:
@@ -49,8 +50,10 @@ async def catch_up(
 ) -> tuple[pb.ModelVersion | None, bytes | None]:
     """Read the assigned model-topic partition from its position to its current end.
 
-    Returns the last verified version of ``model_name`` (any model if empty) seen (and its envelope bytes); leaves
-    the consumer positioned at the end, ready to follow new versions.
+    Returns the verified version of ``model_name`` (any model if empty) with the HIGHEST version
+    number (and its envelope bytes), not the last record: anyone able to append an old signed
+    version must not roll the federation back. Leaves the consumer positioned at the end, ready
+    to follow new versions.
     """
     tp = TopicPartition(topic, 0)
     end = (await consumer.end_offsets([tp]))[tp]
@@ -59,12 +62,18 @@ async def catch_up(
         batch = await consumer.getmany(tp, timeout_ms=500)
         for rec in batch.get(tp, []):
             try:
-                mv = open_model_version(rec.value, trust, max_bytes=MAX_MESSAGE_BYTES)
+                mv = open_model_version(rec.value, trust, max_bytes=MAX_MESSAGE_BYTES, topic=topic)
             except InvalidMessage as exc:
                 log.warning("skipping model record at offset %d: %s", rec.offset, exc)
                 continue
-            if not model_name or mv.model_name == model_name:
+            if model_name and mv.model_name != model_name:
+                continue
+            best = latest[0]
+            if best is None or mv.header.model_version > best.header.model_version:
                 latest = (mv, rec.value)
+            elif mv.header.model_version < best.header.model_version:
+                log.warning("stale model v%d at offset %d after v%d: ignored",
+                            mv.header.model_version, rec.offset, best.header.model_version)
     return latest
 
 

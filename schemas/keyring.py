@@ -23,6 +23,8 @@ from schemas.he import HEContext
 from schemas.signing import TrustStore, load_private_key
 
 GLOBAL_ID = "global"
+#: The operator's identity: signs control commands (lift a quarantine), nothing else.
+OPERATOR_ID = "operator"
 
 
 @dataclass(frozen=True)

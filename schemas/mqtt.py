@@ -5,11 +5,16 @@ paho runs its network loop in its own thread; this shell forwards each inbound m
 (``clean_session=False``) plus manual ack are what let the regional aggregator acknowledge an update
 only after the partial sum holding it is committed to Kafka: anything unacknowledged when a process
 dies is redelivered by the broker to its successor.
+
+Backpressure: the inbox is bounded. When it is full, paho's network thread waits for room instead
+of reading more from the socket, so a flood stays in TCP buffers and in the broker's queue for
+this client, not in this process's memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +22,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 log = logging.getLogger("fedstream.mqtt")
+
+#: Largest MQTT packet, the same number in Mosquitto's ``max_packet_size`` (local stack and
+#: docker-compose) and in the services' message limit: the broker refuses what a service would.
+#: Update chunks are ~1 MB; retained model versions of 1M+ parameters are several MB.
+MAX_PACKET_BYTES = 16 << 20
 
 
 class MqttLink:
@@ -28,6 +38,7 @@ class MqttLink:
         subscriptions: topic filters subscribed (QoS 1) on every (re)connect.
         manual_ack: acknowledge QoS 1 messages only when :meth:`ack` is called.
         on_connect: called (in paho's thread) after every successful (re)connect.
+        inbox_size: most messages waiting for the asyncio side (0: unbounded).
     """
 
     def __init__(
@@ -44,8 +55,10 @@ class MqttLink:
         username: str | None = None,
         password: str | None = None,
         ca_file: Path | None = None,
+        inbox_size: int = 0,
     ) -> None:
-        self.inbox: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue()
+        self.inbox: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue(maxsize=inbox_size)
+        self._stopping = False
         self.connected = asyncio.Event()
         self._loop = loop
         self._subs = subscriptions
@@ -75,6 +88,7 @@ class MqttLink:
         self.client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -93,7 +107,19 @@ class MqttLink:
         log.info("MQTT %s:%d disconnected (%s); paho reconnects", self._host, self._port, reason_code)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self._loop.call_soon_threadsafe(self.inbox.put_nowait, msg)
+        if self.inbox.maxsize <= 0:
+            self._loop.call_soon_threadsafe(self.inbox.put_nowait, msg)
+            return
+        # bounded: block paho's thread until there is room (TCP backpressure to the broker)
+        fut = asyncio.run_coroutine_threadsafe(self.inbox.put(msg), self._loop)
+        while True:
+            try:
+                fut.result(timeout=1.0)
+                return
+            except concurrent.futures.TimeoutError:
+                if self._stopping or self._loop.is_closed():
+                    fut.cancel()  # unacked: the broker redelivers it to the next session
+                    return
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> mqtt.MQTTMessageInfo:
         """QoS 1 publish (thread-safe); paho resends it until the broker acknowledges it."""

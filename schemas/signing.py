@@ -2,17 +2,23 @@
 
 Every message is signed by its sender: updates by their agent, partials by their region, model
 versions by the global aggregator (RFC 8032 Ed25519 via ``cryptography``). The signed bytes bind
-the message kind and the signer's name to the body, so a signature cannot be replayed as another
-kind of message or under another identity::
+the message kind, the signer's name and the topic it is meant for to the body, so a signature
+cannot be replayed as another kind of message, under another identity, on another agent's topic
+or in another federation (every topic name starts with the federation's namespace)::
 
-    b"fedstream/v1\\0" || kind (uint32, big endian) || signer (utf-8) || b"\\0" || body
+    b"fedstream/v2\\0" || kind (uint32, big endian) || signer (utf-8) || b"\\0"
+                      || topic (utf-8) || b"\\0" || body
+
+The topic of a model version is the Kafka model topic (``<ns>.models``) also where a regional
+aggregator relays it to MQTT unchanged.
 
 Usage::
 
     key = Ed25519PrivateKey.generate()
     trust = TrustStore({"agent-000": Identity("agent-000", "agent", "region-0", key.public_key())})
-    data = seal(pb.UPDATE_CHUNK, chunk, "agent-000", key)
-    chunk = open_envelope(data, pb.UPDATE_CHUNK, trust, max_bytes=4 << 20).body
+    topic = Topics("fed").update("region-0", "agent-000")
+    data = seal(pb.UPDATE_CHUNK, chunk, "agent-000", key, topic=topic)
+    chunk = open_envelope(data, pb.UPDATE_CHUNK, trust, max_bytes=4 << 20, topic=topic).body
 """
 
 from __future__ import annotations
@@ -32,13 +38,14 @@ from schemas import fedstream_pb2 as pb
 from schemas.errors import InvalidMessage
 
 SCHEMA_VERSION = 1
-_DOMAIN = b"fedstream/v1\0"
+_DOMAIN = b"fedstream/v2\0"
 
 BODY_TYPES: dict[int, type[Message]] = {
     pb.MODEL_VERSION: pb.ModelVersion,
     pb.UPDATE_CHUNK: pb.UpdateChunk,
     pb.PARTIAL_CHUNK: pb.PartialChunk,
     pb.RECEIPT: pb.Receipt,
+    pb.CONTROL: pb.Control,
 }
 
 
@@ -109,19 +116,21 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def signed_bytes(kind: int, signer: str, body: bytes) -> bytes:
-    return _DOMAIN + struct.pack(">I", kind) + signer.encode() + b"\0" + body
+def signed_bytes(kind: int, signer: str, topic: str, body: bytes) -> bytes:
+    return (_DOMAIN + struct.pack(">I", kind) + signer.encode() + b"\0" + topic.encode() + b"\0"
+            + body)
 
 
-def seal(kind: pb.Kind, body: Message, signer: str, key: Ed25519PrivateKey) -> bytes:
-    """Serialize ``body`` into a signed Envelope."""
+def seal(kind: pb.Kind, body: Message, signer: str, key: Ed25519PrivateKey, *,
+         topic: str) -> bytes:
+    """Serialize ``body`` into an Envelope signed for ``topic``."""
     raw = body.SerializeToString()
     env = pb.Envelope(
         schema_version=SCHEMA_VERSION,
         kind=kind,
         signer=signer,
         body=raw,
-        signature=key.sign(signed_bytes(kind, signer, raw)),
+        signature=key.sign(signed_bytes(kind, signer, topic, raw)),
     )
     return env.SerializeToString()
 
@@ -132,14 +141,17 @@ class Opened:
     body: Any
 
 
-def open_envelope(data: bytes, kind: pb.Kind, trust: TrustStore, *, max_bytes: int) -> Opened:
-    """Parse, check and verify one envelope; return its decoded body.
+def open_envelope(data: bytes, kind: pb.Kind, trust: TrustStore, *, max_bytes: int,
+                  topic: str) -> Opened:
+    """Parse, check and verify one envelope received on (or read for) ``topic``.
 
     Raises:
         InvalidMessage: with reason ``oversized``, ``malformed``, ``wrong_version``,
-            ``wrong_kind``, ``unsigned``, ``unknown_signer``, ``bad_signature`` or
-            ``sender_mismatch``.
+            ``wrong_kind``, ``unsigned``, ``unknown_signer``, ``bad_signature`` (which includes a
+            message signed for another topic or federation) or ``sender_mismatch``.
     """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidMessage("malformed", f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise InvalidMessage("oversized", f"{len(data)} bytes is over the {max_bytes}-byte limit")
     env = pb.Envelope()
@@ -162,10 +174,12 @@ def open_envelope(data: bytes, kind: pb.Kind, trust: TrustStore, *, max_bytes: i
     if ident is None:
         raise InvalidMessage("unknown_signer", f"{env.signer!r} is not in the trust store")
     try:
-        ident.public_key.verify(env.signature, signed_bytes(env.kind, env.signer, env.body))
+        ident.public_key.verify(env.signature,
+                                signed_bytes(env.kind, env.signer, topic, env.body))
     except InvalidSignature:
         raise InvalidMessage(
-            "bad_signature", f"signature does not verify with {env.signer!r}'s key"
+            "bad_signature", f"signature does not verify with {env.signer!r}'s key for topic "
+            f"{topic!r}"
         ) from None
     body = BODY_TYPES[kind]()
     try:
@@ -183,14 +197,15 @@ def open_envelope(data: bytes, kind: pb.Kind, trust: TrustStore, *, max_bytes: i
     return Opened(ident, body)
 
 
-def open_model_version(data: bytes, trust: TrustStore, *, max_bytes: int) -> pb.ModelVersion:
+def open_model_version(data: bytes, trust: TrustStore, *, max_bytes: int,
+                       topic: str) -> pb.ModelVersion:
     """Open a model-version envelope: valid only if the global aggregator signed it.
 
     Raises:
         InvalidMessage: any reason of :func:`open_envelope`, or ``unauthorized`` when another
             identity (a region, an agent) signed it.
     """
-    opened = open_envelope(data, pb.MODEL_VERSION, trust, max_bytes=max_bytes)
+    opened = open_envelope(data, pb.MODEL_VERSION, trust, max_bytes=max_bytes, topic=topic)
     if opened.signer.role != "global":
         raise InvalidMessage("unauthorized", f"model version signed by {opened.signer.name!r}, "
                              "not by the global aggregator")

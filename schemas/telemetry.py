@@ -28,6 +28,25 @@ BYTES = Counter(
 KAFKA_RETRIES = Counter(
     "fedstream_kafka_retries_total", "Kafka operations retried after an error", ["service"]
 )
+DUPLICATES = Counter(
+    "fedstream_duplicates_total",
+    "Redelivered or replayed messages answered (acked, receipt re-sent) without being stored",
+    ["service"],
+)
+INBOX_DEPTH = Gauge(
+    "fedstream_inbox_depth", "Messages waiting in the service's bounded MQTT inbox", ["service"]
+)
+ANOMALIES = Counter(
+    "fedstream_anomalous_updates_total",
+    "Agents left out of a round because their group's decrypted sum failed the bounds",
+    ["reason"],
+)
+ANOMALOUS_ROUNDS = Counter(
+    "fedstream_anomalous_rounds_total", "Rounds whose total failed the bounds and was narrowed down"
+)
+QUARANTINED = Gauge(
+    "fedstream_quarantined_agents", "Agents currently quarantined after repeated failed updates"
+)
 ROUND_SECONDS = Histogram(
     "fedstream_round_seconds", "Wall time of one round at the global aggregator",
     buckets=(0.5, 1, 2, 5, 10, 20, 40, 80, 160),
@@ -36,7 +55,7 @@ ROUND_SECONDS = Histogram(
 
 def reject(service: str, exc: InvalidMessage, where: str = "") -> None:
     """Count and log one rejected input; the caller carries on."""
-    REJECTED.labels(service, exc.reason).inc()
+    REJECTED.labels(service, str(exc.reason)).inc()
     log.warning("%s rejected %s: %s", service, where or "input", exc)
 
 

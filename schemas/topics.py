@@ -13,6 +13,7 @@ Kafka::
 
     ns.partials   PartialChunk envelopes, key = "<round>/<region>/<chunk>"
     ns.models     ModelVersion envelopes, compacted, key = model name
+    ns.control    Control envelopes (operator commands to the global aggregator)
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class Topics:
     @property
     def models(self) -> str:
         return f"{self.namespace}.models"
+
+    @property
+    def control(self) -> str:
+        return f"{self.namespace}.control"
 
     def model(self, region: str) -> str:
         return f"{self.namespace}/{region}/model"

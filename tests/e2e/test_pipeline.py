@@ -35,8 +35,8 @@ async def independent_read(bootstrap: str, topic: str, trust_json: dict, n: int)
             for recs in (await consumer.getmany(timeout_ms=500)).values():
                 for rec in recs:
                     env = pb.Envelope.FromString(rec.value)
-                    signed = (b"fedstream/v1\0" + struct.pack(">I", env.kind) + env.signer.encode()
-                              + b"\0" + env.body)
+                    signed = (b"fedstream/v2\0" + struct.pack(">I", env.kind) + env.signer.encode()
+                              + b"\0" + topic.encode() + b"\0" + env.body)
                     key.verify(env.signature, signed)  # raises if it does not verify
                     versions.append(pb.ModelVersion.FromString(env.body).header.model_version)
     finally:

@@ -34,10 +34,13 @@ def _attack(fed, v) -> None:
     _, other_public = generate_keys()
     foreign = Codec(params, v.params.size, HEContext.from_bytes(other_public)).encode(delta, 50, 1)
 
+    topic = Topics(fed.namespace).update(region, victim)
+
     def update(round_id, fingerprint, payloads, signer_key):
         return [seal(pb.UPDATE_CHUNK, pb.UpdateChunk(
             header=header(victim, round_id, v.version, fingerprint, i, len(payloads)),
-            agent_id=victim, region=region, payload=p), victim, signer_key)
+            agent_id=victim, region=region, payload=p, weight=48 if i == 0 else 0), victim,
+            signer_key, topic=topic)
             for i, p in enumerate(payloads)]
 
     forged = {

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from schemas.codec import Codec, CodecParams, update_seed
+from schemas.codec import Codec, CodecParams, coarse_weight, update_seed
 from schemas.errors import InvalidMessage
 from schemas.he import HEContext, generate_keys
 
@@ -45,8 +45,7 @@ def _run_round(enc, dec, deltas, samples, use_add):
         if use_add:
             sums = chunks if sums is None else [enc.add(a, b) for a, b in zip(sums, chunks)]
         else:
-            for c in chunks:
-                acc.add(c)
+            acc.add_payloads(chunks)
     out, w = dec.decode(sums if use_add else acc.payloads())
     return out, w, qsum
 
@@ -73,7 +72,7 @@ def test_exact_sum_of_64_random_updates_over_1m_params(keys, encrypted):
     # Assert
     assert out.dtype == np.int64
     assert np.array_equal(out, qsum)
-    assert w == sum(min(s, params.weight_cap) for s in samples)
+    assert w == sum(coarse_weight(s, params.weight_cap) for s in samples)
 
 
 @pytest.mark.slow
@@ -137,8 +136,7 @@ def test_average_matches_independent_fedavg(keys, encrypted):
     qs = [enc.quantize_update(d, s, i) for i, (d, s) in enumerate(zip(deltas, samples))]
     acc = enc.accumulator()
     for i, (d, s) in enumerate(zip(deltas, samples)):
-        for c in enc.encode(d, s, i):
-            acc.add(c)
+        acc.add_payloads(enc.encode(d, s, i))
 
     # Execute
     qsum, wsum = dec.decode(acc.payloads())
@@ -146,7 +144,8 @@ def test_average_matches_independent_fedavg(keys, encrypted):
 
     # Assert
     assert avg.dtype == np.float32
-    np.testing.assert_allclose(avg, _fedavg(enc, qs, samples), rtol=0, atol=1e-6)
+    weights = [coarse_weight(s, params.weight_cap) for s in samples]
+    np.testing.assert_allclose(avg, _fedavg(enc, qs, weights), rtol=0, atol=1e-6)
 
 
 def test_planner_refuses_a_plan_over_the_limit(keys):
@@ -227,7 +226,7 @@ def test_small_codec_round_trips(small):
     assert enc.num_chunks == 3 == len(chunks)
     assert [enc.chunk_index(c) for c in chunks] == [0, 1, 2]
     assert np.array_equal(out, enc.quantize_update(
-        np.random.default_rng(0).normal(0, 0.01, 30_000), 50, 3)) and w == 50
+        np.random.default_rng(0).normal(0, 0.01, 30_000), 50, 3)) and w == 48  # 50 -> 3 bits
 
 
 def test_truncated_payload_is_refused(small):
@@ -347,3 +346,12 @@ def test_garbage_never_crashes(small, junk):
 def test_update_seed_is_deterministic():
     assert update_seed(1, 2, "a") == update_seed(1, 2, "a") != update_seed(1, 2, "b")
     assert 0 <= update_seed(1, 2, "a") < 2**64
+
+
+def test_coarse_weight_keeps_three_significant_bits():
+    # worked by hand: 300 = 0b100101100 -> 0b100000000 = 256; 7 stays; 1500 is capped at 1024
+    assert [coarse_weight(n, 1024) for n in (1, 7, 13, 300, 1023, 1500)] == [1, 7, 12, 256, 896,
+                                                                           1024]
+    for n in range(1, 3000):
+        w = coarse_weight(n, 1024)
+        assert w <= min(n, 1024) < w * 1.25 + 1 and coarse_weight(w, 1024) == w

@@ -20,7 +20,9 @@ def test_keygen_gives_secret_only_to_the_global_tier(tmp_path):
     summary = write_keys(tmp_path, num_agents=6, num_regions=2)
     # Assert: every identity has a key and a trust entry with its role and region
     trust = json.loads((tmp_path / "trust.json").read_text())["identities"]
-    assert set(trust) == {"global", "region-0", "region-1", *(f"agent-{i:03d}" for i in range(6))}
+    assert set(trust) == {"global", "operator", "region-0", "region-1",
+                          *(f"agent-{i:03d}" for i in range(6))}
+    assert trust["operator"]["role"] == "operator"
     for region, agents in fleet(6, 2).items():
         assert all(trust[a]["region"] == region and trust[a]["role"] == "agent" for a in agents)
     assert (tmp_path / "he" / "secret.ctx").stat().st_mode & 0o077 == 0

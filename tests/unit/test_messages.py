@@ -98,21 +98,24 @@ def keys():
 def test_sealed_envelope_verifies(keys):
     good, _, trust = keys
     msg = _sample_messages()[0]
-    opened = open_envelope(seal(pb.UPDATE_CHUNK, msg, "agent-001", good), pb.UPDATE_CHUNK, trust,
-                           max_bytes=1 << 20)
+    opened = open_envelope(seal(pb.UPDATE_CHUNK, msg, "agent-001", good, topic=TOPIC),
+                           pb.UPDATE_CHUNK, trust, max_bytes=1 << 20, topic=TOPIC)
     assert opened.body == msg and opened.signer.name == "agent-001"
 
 
-def _reason(data, trust, kind=pb.UPDATE_CHUNK, max_bytes=1 << 20):
+TOPIC = "fed-a/region-0/updates/agent-001"
+
+
+def _reason(data, trust, kind=pb.UPDATE_CHUNK, max_bytes=1 << 20, topic=TOPIC):
     with pytest.raises(InvalidMessage) as exc:
-        open_envelope(data, kind, trust, max_bytes=max_bytes)
+        open_envelope(data, kind, trust, max_bytes=max_bytes, topic=topic)
     return exc.value.reason
 
 
 def test_bad_envelopes_are_named(keys):
     good, other, trust = keys
     msg = _sample_messages()[0]
-    data = seal(pb.UPDATE_CHUNK, msg, "agent-001", good)
+    data = seal(pb.UPDATE_CHUNK, msg, "agent-001", good, topic=TOPIC)
     env = pb.Envelope.FromString(data)
 
     tampered = bytearray(data)
@@ -123,16 +126,20 @@ def test_bad_envelopes_are_named(keys):
 
     assert _reason(data[: len(data) // 2], trust) == "malformed"
     assert _reason(bytes(tampered), trust) == "bad_signature"
-    assert _reason(seal(pb.UPDATE_CHUNK, msg, "agent-001", other), trust) == "bad_signature"
+    assert _reason(seal(pb.UPDATE_CHUNK, msg, "agent-001", other, topic=TOPIC), trust) == \
+        "bad_signature"
+    # bound to the topic, and so to the federation (namespace) and to the agent's own topic
+    assert _reason(data, trust, topic="fed-b/region-0/updates/agent-001") == "bad_signature"
+    assert _reason(data, trust, topic="fed-a/region-0/updates/agent-002") == "bad_signature"
     assert _reason(unsigned.SerializeToString(), trust) == "unsigned"
     assert _reason(v2.SerializeToString(), trust) == "wrong_version"
     assert _reason(data, trust, kind=pb.PARTIAL_CHUNK) == "wrong_kind"
     assert _reason(data, trust, max_bytes=100) == "oversized"
-    assert _reason(seal(pb.UPDATE_CHUNK, msg, "agent-404", good), trust) == "unknown_signer"
+    assert _reason(seal(pb.UPDATE_CHUNK, msg, "agent-404", good, topic=TOPIC), trust) == "unknown_signer"
     assert _reason(b"\xff\xff\xff\xff", trust) == "malformed"
     # a body whose header names someone else than the signer
     trust2 = TrustStore({"agent-002": Identity("agent-002", "agent", "region-0", good.public_key())})
-    assert _reason(seal(pb.UPDATE_CHUNK, msg, "agent-002", good), trust2) == "sender_mismatch"
+    assert _reason(seal(pb.UPDATE_CHUNK, msg, "agent-002", good, topic=TOPIC), trust2) == "sender_mismatch"
 
 
 def test_only_the_global_aggregator_may_sign_a_model_version():
@@ -141,9 +148,10 @@ def test_only_the_global_aggregator_may_sign_a_model_version():
                         "region-0": Identity("region-0", "region", "region-0",
                                              region.public_key())})
     mv = pb.ModelVersion(header=header("global", 1, 1, "ab" * 32), model_name="m", num_params=0)
-    assert open_model_version(seal(pb.MODEL_VERSION, mv, "global", glob), trust,
-                              max_bytes=1 << 20) == mv
+    assert open_model_version(seal(pb.MODEL_VERSION, mv, "global", glob, topic="f.models"),
+                              trust, max_bytes=1 << 20, topic="f.models") == mv
     mv.header.sender = "region-0"
     with pytest.raises(InvalidMessage) as exc:
-        open_model_version(seal(pb.MODEL_VERSION, mv, "region-0", region), trust, max_bytes=1 << 20)
+        open_model_version(seal(pb.MODEL_VERSION, mv, "region-0", region, topic="f.models"), trust,
+                           max_bytes=1 << 20, topic="f.models")
     assert exc.value.reason == "unauthorized"

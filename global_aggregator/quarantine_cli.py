@@ -1,0 +1,81 @@
+"""``fedstream-quarantine``: see and lift the quarantine of devices that kept failing the bounds.
+
+The quarantine lives in every model version (``ModelVersion.quarantine``), so ``list`` reads the
+newest verified version; ``lift`` appends one operator-signed ``Control`` command to the
+``<ns>.control`` Kafka topic, which the global aggregator consumes in the same transaction as the
+round's partials and applies to the next version (exactly once, also across restarts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+
+from schemas import fedstream_pb2 as pb
+from schemas.kafka import CLIENT_SIZES, ensure_topics, read_latest_model
+from schemas.keyring import OPERATOR_ID
+from schemas.signing import TrustStore, header, load_private_key, seal
+from schemas.topics import Topics
+
+
+async def quarantine_state(kafka: str, trust: TrustStore, namespace: str) -> dict:
+    t = Topics(namespace)
+    mv, _ = await read_latest_model(kafka, t.models, trust, "")
+    if mv is None:
+        return {"version": None, "quarantined": [], "strikes": {}}
+    return {"version": mv.header.model_version, "quarantined": list(mv.quarantine.agents),
+            "strikes": dict(mv.quarantine.strikes)}
+
+
+async def lift(kafka: str, keys_dir: Path, namespace: str, agents: list[str],
+               identity: str = OPERATOR_ID) -> None:
+    """Append one signed ``lift`` command for ``agents`` to the control topic."""
+    t = Topics(namespace)
+    key = load_private_key(Path(keys_dir) / "identities" / f"{identity}.pem")
+    cmd = pb.Control(header=header(identity, 0, 0, ""), action="lift", agents=agents)
+    await ensure_topics(kafka, t)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, enable_idempotence=True, acks="all",
+                                **CLIENT_SIZES)
+    await producer.start()
+    try:
+        await producer.send_and_wait(t.control, seal(pb.CONTROL, cmd, identity, key,
+                                                     topic=t.control))
+    finally:
+        await producer.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="fedstream-quarantine",
+        description="List quarantined devices (from the newest model version) or lift their "
+        "quarantine with an operator-signed command to the global aggregator.",
+    )
+    ap.add_argument("--kafka", required=True, help="Kafka bootstrap servers")
+    ap.add_argument("--keys", type=Path, required=True,
+                    help="key directory (trust.json; for lift also identities/operator.pem)")
+    ap.add_argument("--namespace", default="fedstream", help="topic namespace")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="print the quarantined agents and their strikes as JSON")
+    lp = sub.add_parser("lift", help="release agents from quarantine (applied next round)")
+    lp.add_argument("agents", nargs="+", help="agent ids")
+    a = ap.parse_args(argv)
+    trust_file = a.keys / "trust.json"
+    if not trust_file.exists():
+        ap.error(f"no trust.json in {a.keys}")
+    trust = TrustStore.load(trust_file)
+    if a.command == "list":
+        print(json.dumps(asyncio.run(quarantine_state(a.kafka, trust, a.namespace))))
+        return
+    unknown = [x for x in a.agents if x not in trust.names(role="agent")]
+    if unknown:
+        ap.error(f"not agents of this federation: {unknown}")
+    asyncio.run(lift(a.kafka, a.keys, a.namespace, a.agents))
+    print(json.dumps({"lifted": a.agents}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Hypothesis fuzzers of the same entry points without brokers: whatever bytes or fields arrive,
+the checks raise only ``InvalidMessage`` (counted by reason by the services) and leave the sums
+exactly as they were."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from global_aggregator.combine import GlobalRound
+from regional_aggregator.summing import RegionalSum
+from schemas import fedstream_pb2 as pb
+from schemas.codec import Codec, CodecParams
+from schemas.errors import InvalidMessage, Reason
+from schemas.he import HEContext, generate_keys
+from schemas.signing import Identity, TrustStore, header, open_envelope, seal
+
+N_PARAMS = 15_000  # two ciphertexts: two chunks of 70 kB
+FUZZ = settings(max_examples=1500, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+TOPIC = "fz/region-0/updates/agent-000"
+
+
+@pytest.fixture(scope="module")
+def world():
+    secret, public = generate_keys()
+    params = CodecParams(encrypted=True, chunk_bytes=70_000)
+    edge = Codec(params, N_PARAMS, HEContext.from_bytes(public))
+    glob = Codec(params, N_PARAMS, HEContext.from_bytes(secret))
+    key = Ed25519PrivateKey.generate()
+    trust = TrustStore({"agent-000": Identity("agent-000", "agent", "region-0", key.public_key())})
+    delta = np.random.default_rng(0).normal(0, 0.01, N_PARAMS)
+    payloads = edge.encode(delta, 100, 1)
+    assert len(payloads) == 2
+    return edge, glob, key, trust, payloads
+
+
+def _mutate(data: bytes, flips: list[tuple[int, int]], cut: int | None) -> bytes:
+    out = bytearray(data)
+    for pos, val in flips:
+        out[pos % len(out)] ^= val or 1
+    return bytes(out[:cut] if cut is not None else out)
+
+
+mutation = st.tuples(st.lists(st.tuples(st.integers(0, 10**7), st.integers(1, 255)), min_size=1,
+                              max_size=6),
+                     st.one_of(st.none(), st.integers(0, 200_000)))
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=5000), mutation), which=st.integers(0, 1))
+def test_region_chunk_check_refuses_anything_but_a_valid_chunk(world, data, which):
+    edge, glob, _, _, payloads = world
+    rs = RegionalSum(edge, 1, expected=["agent-000"])
+    raw = data if isinstance(data, bytes) else _mutate(payloads[which], *data)
+    if raw == payloads[which]:
+        return
+    with pytest.raises(InvalidMessage) as e:
+        rs.add_chunk("agent-000", which, edge.num_chunks, raw, weight=96)
+    assert isinstance(e.value.reason, Reason)
+    assert rs.agents == [] and rs.in_flight == []
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=3000), mutation),
+       fields=st.tuples(st.integers(0, 9), st.integers(0, 9), st.integers(0, 2**32 - 1)))
+def test_envelope_and_update_fields_are_refused_or_named(world, data, fields):
+    edge, _, key, trust, payloads = world
+    index, count, weight = fields
+    good = seal(pb.UPDATE_CHUNK, pb.UpdateChunk(
+        header=header("agent-000", 1, 0, "f" * 64, index, count), agent_id="agent-000",
+        payload=payloads[0], weight=weight), "agent-000", key, topic=TOPIC)
+    raw = data if isinstance(data, bytes) else _mutate(good, *data)
+    try:
+        up = open_envelope(raw, pb.UPDATE_CHUNK, trust, max_bytes=1 << 20, topic=TOPIC).body
+    except InvalidMessage as exc:
+        assert isinstance(exc.reason, Reason)
+        return
+    rs = RegionalSum(edge, 1, expected=["agent-000"])
+    try:
+        rs.add_chunk("agent-000", up.header.chunk_index, up.header.chunk_count, up.payload,
+                     up.weight)
+    except InvalidMessage:
+        assert rs.agents == []
+        return
+    # accepted: then it was the real chunk 0 with honest fields
+    assert up.payload == payloads[0] and up.header.chunk_index == 0
+
+
+@FUZZ
+@given(region=st.sampled_from(["region-0", "region-1"]), group=st.integers(-1, 4),
+       count=st.integers(-1, 4), index=st.integers(-1, 3),
+       agents=st.lists(st.sampled_from([f"agent-{i}" for i in range(6)]), max_size=5),
+       weights=st.lists(st.integers(-5, 2000), max_size=6),
+       data=st.one_of(st.binary(max_size=3000), mutation))
+def test_global_partial_check_refuses_anything_inconsistent(world, region, group, count, index,
+                                                            agents, weights, data):
+    edge, glob, _, _, payloads = world
+    gr = GlobalRound(glob, 1, min_group=2)
+    raw = data if isinstance(data, bytes) else _mutate(payloads[0], *data)
+    with pytest.raises(InvalidMessage):
+        gr.add_partial(region, group, count, index, raw, agents, weights)
+    assert gr.finish().avg_delta is None and gr.complete_regions == []
