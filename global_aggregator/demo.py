@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     (a.out / "history.json").write_text(json.dumps(history, indent=2))
     png = plot_rounds(history, a.out / "demo.png",
                       title=f"fedstream demo: {num_agents} agents in {a.regions} regions")
-    table = Table("round", "version", "participants", "server acc", "fed acc (parent)",
-                  "uplink MB", "model KB", title="rounds")
+    table = Table("round", "version", "participants", "excluded", "server acc", "uplink MB",
+                  "model KB", title="rounds")
     for h in history:
         table.add_row(str(h["round"]), str(h["version"]), str(int(h["participants"])),
-                      f"{h['server_accuracy']:.3f}", f"{h.get('federated_accuracy', 0):.3f}",
+                      str(int(h.get("excluded_agents", 0))), f"{h['server_accuracy']:.3f}",
                       f"{h['update_bytes'] / 1e6:.2f}", f"{h['model_bytes'] / 1e3:.0f}")
     console.print(table)
     console.print(f"plot: {png}   history: {a.out / 'history.json'}   logs: {a.out / 'logs'}")

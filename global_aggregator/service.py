@@ -4,7 +4,8 @@ Exactly-once: partials are consumed (``read_committed``, no auto-commit) and the
 is produced in ONE Kafka transaction together with the consumer offsets of the partials it used
 (aiokafka transactional producer, ``send_offsets_to_transaction``). A crash anywhere before the
 commit leaves neither the model version nor the offsets: the restarted process re-reads the same
-partials and computes the same version. Duplicate partials by (round, region, chunk) are dropped.
+partials and computes the same version. Duplicate partials by (round, region, group, chunk) are
+dropped.
 The server optimizer state travels inside every model version, so a restart resumes from the
 topics alone. Only this tier holds the secret HE key. It decrypts the total of all partials of a
 round (``GlobalRound.finish``) and checks it against the bounds honest devices respect; only when
@@ -53,13 +54,14 @@ from schemas.kafka import (
     read_latest_model,
 )
 from schemas.keyring import GLOBAL_ID, Keyring
-from schemas.signing import header, open_envelope, seal
+from schemas.signing import header, open_control, open_envelope, seal
 from schemas.task import codec_params, codec_spec
 from schemas.telemetry import (
     ACCEPTED,
     ANOMALIES,
     ANOMALOUS_ROUNDS,
     BYTES,
+    DUPLICATES,
     KAFKA_RETRIES,
     QUARANTINED,
     ROUND,
@@ -196,18 +198,6 @@ class GlobalAggregator:
                 raise InvalidMessage("unauthorized", f"{agent!r} is not an agent of {part.region}")
         return part
 
-    def _check_control(self, raw: bytes) -> pb.Control:
-        opened = open_envelope(raw, pb.CONTROL, self.keys.trust, max_bytes=1 << 20,
-                               topic=self.t.control)
-        if opened.signer.role not in ("operator", "global"):
-            raise InvalidMessage(Reason.UNAUTHORIZED, f"control command signed by "
-                                 f"{opened.signer.name!r}, not by an operator")
-        cmd = opened.body
-        if cmd.action != "lift" or not cmd.agents:
-            raise InvalidMessage(Reason.BAD_COMMAND, f"unknown command {cmd.action!r} or no "
-                                 "agents (known: lift AGENT...)")
-        return cmd
-
     # -- the loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -317,7 +307,8 @@ class GlobalAggregator:
                     BYTES.labels(SERVICE, "kafka_in").inc(len(rec.value))
                     if tp.topic == self.t.control:
                         try:
-                            lifts.update(self._check_control(rec.value).agents)
+                            lifts.update(open_control(rec.value, self.keys.trust,
+                                                         topic=self.t.control).agents)
                         except InvalidMessage as exc:
                             reject(SERVICE, exc, f"control record at offset {rec.offset}")
                         continue
@@ -333,7 +324,9 @@ class GlobalAggregator:
                     except InvalidMessage as exc:
                         reject(SERVICE, exc, f"partial at offset {rec.offset}")
                         continue
-                    if fresh:
+                    if not fresh:  # a redelivered chunk of a group already held
+                        DUPLICATES.labels(SERVICE).inc()
+                    else:
                         ACCEPTED.labels(SERVICE, "partial_chunk").inc()
                         if part.HasField("eval") and part.region not in seen_eval:
                             seen_eval.add(part.region)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,19 @@ log = logging.getLogger("fedstream.regional")
 SERVICE = "regional"
 
 
+def _pin_malloc_threshold() -> None:
+    """Serve every buffer over 128 KiB with its own mmap, returned to the OS when freed.
+
+    glibc raises its mmap threshold after the first large free (up to 32 MiB), after which
+    multi-MB messages come from the heap and a burst of them leaves RSS high for good; a fixed
+    threshold keeps a flood of large junk messages from growing the region (glibc only; a no-op
+    elsewhere).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+
 @dataclass(frozen=True)
 class RegionalSettings:
     region: str
@@ -65,7 +79,7 @@ class RegionalSettings:
     min_agents_per_partial: int = 2  # the privacy floor k; the round task's may raise it
     max_groups: int = 8  # at most this many groups per partial (see summing.py)
     max_message_bytes: int = MAX_PACKET_BYTES
-    inbox_size: int = 128  # MQTT messages waiting to be verified (backpressure beyond)
+    inbox_size: int = 16  # MQTT messages waiting to be verified (backpressure beyond)
     rate_per_s: float = 20.0  # sustained messages per second per device
     rate_burst: float = 200.0  # messages a device may send at once (a whole republished update)
     robust: str = ""  # plaintext rounds only: a rule of regional_aggregator.robust, e.g. "median"
@@ -397,6 +411,7 @@ class RegionalAggregator:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        _pin_malloc_threshold()
         serve(self.s.metrics_port)
         loop = asyncio.get_running_loop()
         self.mqtt = MqttLink(

@@ -223,3 +223,22 @@ def header(sender: str, round_id: int, model_version: int, fingerprint: str,
         chunk_index=chunk_index,
         chunk_count=chunk_count,
     )
+
+
+def open_control(data: bytes, trust: TrustStore, *, topic: str) -> pb.Control:
+    """Open an operator command: valid only if an operator (or the global) signed it and it
+    names a known action with at least one agent.
+
+    Raises:
+        InvalidMessage: any reason of :func:`open_envelope`, ``unauthorized`` (signed by an
+            agent or a region) or ``bad_command``.
+    """
+    opened = open_envelope(data, pb.CONTROL, trust, max_bytes=1 << 20, topic=topic)
+    if opened.signer.role not in ("operator", "global"):
+        raise InvalidMessage("unauthorized", f"control command signed by "
+                             f"{opened.signer.name!r}, not by an operator")
+    cmd = opened.body
+    if cmd.action != "lift" or not cmd.agents:
+        raise InvalidMessage("bad_command", f"unknown command {cmd.action!r} or no agents "
+                             "(known: lift AGENT...)")
+    return cmd

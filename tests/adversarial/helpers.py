@@ -141,13 +141,15 @@ class Outcome:
     fed: Federation
     extra: dict = field(default_factory=dict)
 
-    def rejected(self, service: str, reason: str) -> float:
+    def rejected(self, process: str, reason: str) -> float:
+        """``fedstream_rejected_total{reason}`` of ``process`` ("region-1", "global", ...)."""
+        service = "regional" if process in self.fed.fleet else process
         key = ("fedstream_rejected_total", (("reason", reason), ("service", service)))
-        return self.metrics[service].get(key, 0.0)
+        return self.metrics[process].get(key, 0.0)
 
-    def counter(self, service: str, name: str, **labels) -> float:
+    def counter(self, process: str, name: str, **labels) -> float:
         key = (name, tuple(sorted(labels.items())))
-        return self.metrics[service].get(key, 0.0)
+        return self.metrics[process].get(key, 0.0)
 
     def excluded(self) -> list[tuple[int, pb.ExcludedGroup]]:
         return [(v.round, e) for v in self.versions[1:] for e in v.message.provenance.excluded]
@@ -173,8 +175,8 @@ def run_attack(stack, tmp_path, namespace: str, on_round, *, rounds: int = 2,
         device.start()
 
         async def on_version(v):
-            for name in fed.procs:
-                assert fed.alive(name) or v.final, f"{name} died:\n{fed.log(name)}"
+            for name, proc in fed.procs.items():  # edges leave (0) once the final version is out
+                assert proc.poll() in (None, 0), f"{name} died:\n{fed.log(name)}"
             if during is not None:
                 r = during(outcome, v)
                 if asyncio.iscoroutine(r):

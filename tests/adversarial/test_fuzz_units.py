@@ -16,7 +16,7 @@ from schemas import fedstream_pb2 as pb
 from schemas.codec import Codec, CodecParams
 from schemas.errors import InvalidMessage, Reason
 from schemas.he import HEContext, generate_keys
-from schemas.signing import Identity, TrustStore, header, open_envelope, seal
+from schemas.signing import Identity, TrustStore, header, open_control, open_envelope, seal
 
 N_PARAMS = 15_000  # two ciphertexts: two chunks of 70 kB
 FUZZ = settings(max_examples=1500, deadline=None,
@@ -104,3 +104,37 @@ def test_global_partial_check_refuses_anything_inconsistent(world, region, group
     with pytest.raises(InvalidMessage):
         gr.add_partial(region, group, count, index, raw, agents, weights)
     assert gr.finish().avg_delta is None and gr.complete_regions == []
+
+
+def test_control_commands_only_from_an_operator():
+    # Prepare: an operator, a stolen agent key, the control topic
+    op, thief = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    trust = TrustStore({"operator": Identity("operator", "operator", "", op.public_key()),
+                        "agent-000": Identity("agent-000", "agent", "r", thief.public_key())})
+    topic = "fz.control"
+
+    def cmd(signer, key, action="lift", agents=("agent-000",)):
+        return seal(pb.CONTROL, pb.Control(header=header(signer, 0, 0, ""), action=action,
+                                           agents=list(agents)), signer, key, topic=topic)
+
+    def reason(raw):
+        with pytest.raises(InvalidMessage) as e:
+            open_control(raw, trust, topic=topic)
+        return e.value.reason
+
+    # Execute / Assert: a device cannot lift its own quarantine
+    assert open_control(cmd("operator", op), trust, topic=topic).agents == ["agent-000"]
+    assert reason(cmd("agent-000", thief)) == "unauthorized"
+    assert reason(cmd("operator", op, action="delete")) == "bad_command"
+    assert reason(cmd("operator", op, agents=())) == "bad_command"
+    assert reason(seal(pb.CONTROL, pb.Control(header=header("operator", 0, 0, ""), action="lift",
+                                              agents=["a"]), "operator", op,
+                       topic="other.control")) == "bad_signature"
+
+
+@FUZZ
+@given(data=st.binary(max_size=2000))
+def test_control_fuzz(data):
+    trust = TrustStore({})
+    with pytest.raises(InvalidMessage):
+        open_control(data, trust, topic="fz.control")
