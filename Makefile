@@ -27,3 +27,4 @@ bench: install
 	$(PY) bench/codec.py --params 1000000 --json bench/results/codec.json
 	$(PY) bench/simulate.py --json bench/results/simulate.json
 	$(PY) bench/pipeline.py --json bench/results/pipeline.json
+	$(PY) bench/poison.py --json bench/results/poison.json
