@@ -159,7 +159,8 @@ def _row_norms(u: np.ndarray) -> np.ndarray:
     big = ~np.isfinite(norms)
     if np.any(big):
         scale = np.max(np.abs(u[big]), axis=1)
-        norms[big] = scale * np.linalg.norm(u[big] / scale[:, None], axis=1)
+        with np.errstate(over="ignore"):  # a norm beyond float64 is inf, handled by the caller
+            norms[big] = scale * np.linalg.norm(u[big] / scale[:, None], axis=1)
     return norms
 
 
