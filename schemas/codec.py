@@ -195,14 +195,14 @@ class Codec:
 
     def add(self, a: bytes, b: bytes) -> bytes:
         """Sum two payloads of the same chunk index (public context suffices)."""
-        from schemas.verify import verify_chunk
+        from schemas.verify import verify_parsed
 
         pa, pb_ = self.framer.parse(a), self.framer.parse(b)
         if pa.index != pb_.index:
             raise InvalidMessage(Reason.CHUNK_MISMATCH,
                                  f"cannot add chunk {pa.index} to chunk {pb_.index}")
-        ca = verify_chunk(self, a, index=pa.index, summands=pa.summands)
-        cb = verify_chunk(self, b, index=pb_.index, summands=pb_.summands)
+        ca = verify_parsed(self, pa, index=pa.index, summands=pa.summands)
+        cb = verify_parsed(self, pb_, index=pb_.index, summands=pb_.summands)
         n = ca.summands + cb.summands
         if n > self.params.max_summands:
             raise InvalidMessage(Reason.TOO_MANY_SUMMANDS, f"sum would hold {n} updates, limit "
@@ -229,7 +229,7 @@ class Codec:
                 or garbage), "lane_bound" when a lane or the weight sum is impossible for the
                 number of summands.
         """
-        from schemas.verify import verify_chunk
+        from schemas.verify import verify_parsed
 
         if self.mode == MODE_CKKS and not self.he().is_private:
             raise InvalidMessage(Reason.NO_SECRET_KEY, "this HE context cannot decrypt")
@@ -241,7 +241,8 @@ class Codec:
             head = self.framer.parse(p)
             if head.index in parsed:
                 raise InvalidMessage(Reason.CHUNK_MISMATCH, f"chunk {head.index} given twice")
-            parsed[head.index] = verify_chunk(self, p, index=head.index, summands=head.summands)
+            parsed[head.index] = verify_parsed(self, head, index=head.index,
+                                               summands=head.summands)
         counts = {ch.summands for ch in parsed.values()}
         if len(counts) != 1:
             raise InvalidMessage(Reason.CHUNK_MISMATCH, f"chunks sum different counts {counts}")

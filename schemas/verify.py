@@ -50,7 +50,14 @@ def verify_chunk(codec: Codec, payload: bytes, *, index: int, summands: int,
     if not 0 <= index < codec.num_chunks:
         raise InvalidMessage(Reason.CHUNK_INDEX_OUT_OF_RANGE,
                              f"chunk {index} of {codec.num_chunks}")
-    ch = codec.framer.parse(payload)
+    return verify_parsed(codec, codec.framer.parse(payload), index=index, summands=summands,
+                         weight=weight)
+
+
+def verify_parsed(codec: Codec, ch: Chunk, *, index: int, summands: int,
+                  weight: int | None = None) -> Chunk:
+    """:func:`verify_chunk` on a chunk already parsed by ``codec.framer.parse`` (callers that
+    need the header first, such as ``Codec.add``, parse once)."""
     if ch.index != index:
         raise InvalidMessage(Reason.CHUNK_INDEX_MISMATCH,
                              f"payload of chunk {ch.index} labelled as chunk {index}")

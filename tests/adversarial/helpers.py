@@ -35,7 +35,16 @@ from schemas.kafka import MAX_MESSAGE_BYTES
 from schemas.signing import header, open_model_version, seal
 from schemas.task import codec_params
 from schemas.topics import Topics
-from tests.e2e.helpers import SEED, make_federation, scrape, sim_config, watch, with_metrics
+from tests.e2e.helpers import (
+    SEED,
+    make_federation,
+    rejected,
+    scrape,
+    sim_config,
+    total_rejected,
+    watch,
+    with_metrics,
+)
 
 AGENTS, REGIONS = 8, 2
 THIEF = "agent-005"          # region-1: agent-004 .. agent-007
@@ -143,9 +152,20 @@ class Outcome:
 
     def rejected(self, process: str, reason: str) -> float:
         """``fedstream_rejected_total{reason}`` of ``process`` ("region-1", "global", ...)."""
-        service = "regional" if process in self.fed.fleet else process
-        key = ("fedstream_rejected_total", (("reason", reason), ("service", service)))
-        return self.metrics[process].get(key, 0.0)
+        return rejected(self.metrics[process], self.service(process), reason)
+
+    def total_rejected(self, process: str) -> float:
+        """Every input ``process`` refused, whatever the reason."""
+        return total_rejected(self.metrics[process], self.service(process))
+
+    def service(self, process: str) -> str:
+        """The ``service`` label of a process's metrics."""
+        return "regional" if process in self.fed.fleet else process
+
+    def assert_everyone_counted(self) -> None:
+        """Every agent's update counted in every round."""
+        for v in self.versions[1:]:
+            assert sum(map(len, v.participants.values())) == AGENTS, v.participants
 
     def counter(self, process: str, name: str, **labels) -> float:
         key = (name, tuple(sorted(labels.items())))

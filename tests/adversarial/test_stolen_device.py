@@ -32,7 +32,7 @@ from tests.adversarial.helpers import (
     assert_matches_simulation,
     run_attack,
 )
-from tests.e2e.helpers import SEED, make_federation, scrape, watch
+from tests.e2e.helpers import SEED, make_federation, scrape, total_rejected, watch
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -163,9 +163,8 @@ def _rss_mib(pid: int) -> float:
 def _answered(port: int) -> float:
     """Messages region-1 refused (any reason) or answered as duplicates so far."""
     m = scrape(port)
-    return sum(v for (name, labels), v in m.items()
-               if (name == "fedstream_rejected_total" and ("service", "regional") in labels)
-               or name == "fedstream_duplicates_total")
+    return total_rejected(m, "regional") + m.get(
+        ("fedstream_duplicates_total", (("service", "regional"),)), 0.0)
 
 
 def test_replay_and_junk_floods_keep_region_memory_flat(stack, tmp_path, topic_prefix):
@@ -214,8 +213,7 @@ def test_replay_and_junk_floods_keep_region_memory_flat(stack, tmp_path, topic_p
     assert out.rejected("region-1", "rate_limited") > 0
     assert measured["after_replays"] <= measured["before"] * 1.10, measured
     assert measured["after"] <= measured["before"] * 1.10, measured
-    for v in out.versions[1:]:
-        assert sum(map(len, v.participants.values())) == AGENTS
+    out.assert_everyone_counted()
     assert_matches_simulation(out, 2)
 
 
@@ -244,9 +242,8 @@ def test_topic_and_federation_binding(stack, tmp_path, topic_prefix):
     assert out.rejected("region-1", "bad_signature") == 4
     assert out.rejected("region-1", "wrong_topic") == 2
     assert seen_eval == [False, False]  # only ciphertext (and a coarse weight) leaves a device
-    for v in out.versions[1:]:
-        assert sum(map(len, v.participants.values())) == AGENTS
-        assert "federated_accuracy" not in v.metrics
+    out.assert_everyone_counted()
+    assert all("federated_accuracy" not in v.metrics for v in out.versions[1:])
     assert_matches_simulation(out, 2)
 
 
@@ -289,8 +286,7 @@ def test_an_appended_old_version_rolls_nothing_back(stack, tmp_path, topic_prefi
     assert "resuming from model v0" not in out.fed.log("global", 400)
     assert out.rejected("region-1", "stale_version") >= 1
     assert out.rejected("region-0", "stale_version") >= 1
-    for v in out.versions[1:]:
-        assert sum(map(len, v.participants.values())) == AGENTS
+    out.assert_everyone_counted()
     assert_matches_simulation(out, 3)
 
 

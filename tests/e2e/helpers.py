@@ -66,6 +66,12 @@ def rejected(metrics: dict, service: str, reason: str) -> float:
     return metrics.get(key, 0.0)
 
 
+def total_rejected(metrics: dict, service: str) -> float:
+    """``fedstream_rejected_total`` of ``service`` summed over every reason."""
+    return sum(v for (name, labels), v in metrics.items()
+               if name == "fedstream_rejected_total" and ("service", service) in labels)
+
+
 async def watch(fed: Federation, timeout_s: float, on_version=None) -> list[VerifiedModel]:
     """Every model version until the final one; ``on_version(v)`` may inject faults."""
     trust = TrustStore.load(fed.keys_dir / "trust.json")
