@@ -28,3 +28,4 @@ bench: install
 	$(PY) bench/simulate.py --json bench/results/simulate.json
 	$(PY) bench/pipeline.py --json bench/results/pipeline.json
 	$(PY) bench/poison.py --json bench/results/poison.json
+	$(PY) bench/edge.py --json bench/results/edge.json

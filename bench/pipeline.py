@@ -143,10 +143,10 @@ class _MqttPair:
 
 def measure_stages(stack, keys_dir: Path, progress, task) -> dict:
     """Per-stage seconds on the ~100k MLP, both modes, against the running brokers."""
-    from edge_agent.data import TASKS, agent_dataset
     from edge_agent.models import make_spec
     from edge_agent.train import LocalTrainConfig, local_seed, train_local
     from global_aggregator.combine import GlobalRound
+    from global_aggregator.datasets import TASKS, agent_dataset
     from global_aggregator.keygen import fleet
     from regional_aggregator.summing import RegionalSum
     from schemas import fedstream_pb2 as pb
@@ -380,6 +380,31 @@ async def _kafka_transfer(bootstrap: str, topics, partials: dict[str, list[bytes
 # part 1: end to end
 
 
+def bench_project(workdir: Path) -> tuple[Path, dict[str, str]]:
+    """The digits example project with the stage model (~100k parameters) and 1 MiB chunks, as a
+    project directory of its own, and the device data option that points at its data."""
+    root = Path(__file__).resolve().parents[1] / "examples" / "digits"
+    project = workdir / "project"
+    project.mkdir(parents=True, exist_ok=True)
+    if not (project / "digits_fl").exists():
+        (project / "digits_fl").symlink_to(root / "digits_fl")
+    (project / "fedstream.toml").write_text(
+        f'name = "digits-bench"\nmodel = "edge_agent.models:{STAGE_MODEL}"\n'
+        'input_shape = [8, 8, 1]\nmodel_options = { input_shape = [8, 8, 1], num_classes = 10 }\n'
+        'loader = "npz"\nserver_eval = "digits_fl.data:server_eval"\n'
+        '[federation.train]\noptimizer = "sgd"\nlr = 0.1\nepochs = 1\nbatch_size = 32\n'
+        "[federation.codec]\nchunk_bytes = 1048576\n")
+    from global_aggregator.keygen import fleet
+    from schemas.project import load_project
+
+    load_project(project)
+    from digits_fl.data import make_data
+
+    ids = [a for agents in fleet(NUM_AGENTS, NUM_REGIONS).values() for a in agents]
+    make_data(ids, project / "data", seed=SEED)
+    return project, {"path": str(project / "data" / "{device_id}.npz")}
+
+
 def run_federation(stack, keys_dir: Path, workdir: Path, mode: str, rounds: int, progress,
                    task, timeout_s: float) -> dict:
     from compose.federation import Federation
@@ -388,12 +413,14 @@ def run_federation(stack, keys_dir: Path, workdir: Path, mode: str, rounds: int,
     from schemas.signing import TrustStore
 
     ns = f"bench-{mode}-{uuid.uuid4().hex[:8]}"
+    project, data = bench_project(workdir)
     fed = Federation(
         mqtt=stack.mqtt, kafka=stack.kafka_bootstrap, keys_dir=keys_dir,
         fleet=fleet(NUM_AGENTS, NUM_REGIONS), workdir=workdir / f"logs-{mode}", namespace=ns,
+        project=project, data=data,
         global_args=["--rounds", str(rounds), "--deadline-s", str(int(timeout_s)), "--grace-s", "2",
-                     "--seed", str(SEED), "--model", STAGE_MODEL,
-                     *(["--plaintext"] if mode == "plaintext" else [])],
+                     "--seed", str(SEED),
+                     *(["--no-codec.encrypted"] if mode == "plaintext" else [])],
     )
     trust = TrustStore.load(keys_dir / "trust.json")
     versions = []
@@ -822,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "regions": NUM_REGIONS, "agents_per_region": AGENTS_PER_REGION,
             "e2e_rounds_per_mode": args.rounds, "codec_bits": 8, "max_summands": 64,
-            "local_training": "sgd lr 0.1, 1 epoch, batch 32 (global CLI defaults)",
+            "local_training": "sgd lr 0.1, 1 epoch, batch 32 (the bench project's)",
             "partition": "dirichlet alpha 0.5, data seed 0", "seed": SEED,
             "throughput_agents": args.throughput_agents,
             "throughput_params": args.throughput_params,

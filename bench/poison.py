@@ -30,8 +30,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from edge_agent.data import agent_dataset, server_test_set
 from edge_agent.train import LocalTrainConfig, evaluate, local_seed, train_local
+from global_aggregator.datasets import agent_dataset, server_test_set
 from global_aggregator.simulation import SimConfig, initial_model
 from global_aggregator.strategies import init_state, make_server_optimizer, server_step
 from regional_aggregator.summing import deal_groups

@@ -23,7 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from global_aggregator.simulation import SimConfig, rounds_to_reach, simulate
+from global_aggregator.simulation import BENCH_DIGITS, SimConfig, rounds_to_reach, simulate
 
 PHASES = ("train", "encode", "regional_sum", "global_decode", "server_step")
 
@@ -49,12 +49,11 @@ def run(cfg: SimConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, required=True, help="where to write the results")
-    p.add_argument("--rounds", type=int, default=SimConfig().rounds)
+    p.add_argument("--rounds", type=int, default=BENCH_DIGITS["rounds"])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    base = SimConfig(task="digits", num_agents=20, num_regions=4, partition="dirichlet", alpha=0.5,
-                     rounds=args.rounds, seed=args.seed)
+    base = SimConfig(**{**BENCH_DIGITS, "rounds": args.rounds}, seed=args.seed)
     runs = {
         "plaintext_float32": dataclasses.replace(base, float_mode=True, encrypted=False),
         "encrypted_8bit": dataclasses.replace(base, encrypted=True, bits=8),

@@ -27,8 +27,10 @@ class Federation:
         mqtt: region -> (host, port) of its broker.
         kafka: Kafka bootstrap servers.
         keys_dir: output of fedstream-keygen.
-        fleet: region -> agent ids.
+        fleet: region -> device ids.
         workdir: where logs go.
+        project: the federation's project directory (global and devices read it).
+        data: loader settings every device passes with ``--data`` ("{device_id}" expands).
         namespace: topic namespace (unique per test).
         global_args / regional_args / edge_args: extra CLI flags for each kind of service.
     """
@@ -38,12 +40,18 @@ class Federation:
     keys_dir: Path
     fleet: dict[str, list[str]]
     workdir: Path
+    project: Path = Path(__file__).resolve().parents[1] / "examples" / "digits"
+    data: dict[str, str] = field(default_factory=dict)
     namespace: str = "fedstream"
     global_args: list[str] = field(default_factory=list)
     regional_args: list[str] = field(default_factory=list)
     edge_args: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     per_process_args: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def fleet_ids(self) -> list[str]:
+        return sorted(d for ids in self.fleet.values() for d in ids)
 
     @property
     def num_agents(self) -> int:
@@ -55,16 +63,16 @@ class Federation:
         extra = self.per_process_args.get(name, [])
         if name == "global":
             return [*py, "global_aggregator.cli", "--kafka", self.kafka, *common,
-                    *self.global_args, *extra]
+                    "--project", str(self.project), *self.global_args, *extra]
         if name in self.fleet:
             host, port = self.mqtt[name]
             return [*py, "regional_aggregator.cli", "--region", name, "--mqtt", f"{host}:{port}",
                     "--kafka", self.kafka, *common, *self.regional_args, *extra]
         region = next(r for r, agents in self.fleet.items() if name in agents)
         host, port = self.mqtt[region]
-        return [*py, "edge_agent.cli", "--agent-id", name, "--region", region,
-                "--mqtt", f"{host}:{port}", "--num-agents", str(self.num_agents), *common,
-                *self.edge_args, *extra]
+        data = [a for k, v in self.data.items() for a in ("--data", f"{k}={v}")]
+        return [*py, "edge_agent.cli", "--device-id", name, "--mqtt", f"{host}:{port}", *common,
+                "--project", str(self.project), *data, *self.edge_args, *extra]
 
     def start(self, name: str) -> subprocess.Popen:
         self.workdir.mkdir(parents=True, exist_ok=True)

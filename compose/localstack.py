@@ -278,7 +278,7 @@ def _run_async(coro):
 
 
 def mosquitto_conf(port: int, persistence_dir: Path, autosave_changes: int = 1,
-                   autosave_seconds: int = 0) -> str:
+                   autosave_seconds: int = 0, message_size_limit: int = 0) -> str:
     """autosave_changes: rewrite the db after this many changes (1 = after every change; each save
     rewrites the whole db, so the cost grows with the queue: 200 queued 1 MB messages take ~25 s to
     publish here instead of ~3 s). 0 = only on clean shutdown (kill -9 loses everything since start).
@@ -315,6 +315,8 @@ queue_qos0_messages false
 retain_available true
 # update chunks are ~1 MB; retained model versions of 1M+ parameters are several MB
 max_packet_size {MQTT_MAX_PACKET_SIZE}
+# a managed broker's payload cap (AWS IoT Core: 128 KB), when set; 0 = none beyond the packet size
+message_size_limit {message_size_limit}
 set_tcp_nodelay true
 max_keepalive 65535
 
@@ -465,6 +467,8 @@ class LocalStack:
     """Start/stop the local brokers. Use as a context manager (returns StackInfo) or call start()/stop().
 
     regions: one Mosquitto per region (may be empty); kafka: start the single-node KRaft Kafka.
+    mqtt_message_limit: Mosquitto's ``message_size_limit`` (payload bytes; 0 = none), e.g.
+    128 KiB to run as under a managed broker's cap.
     workdir: where configs, logs and data live; a temp dir (removed on stop) when None.
     """
 
@@ -481,6 +485,7 @@ class LocalStack:
         mqtt_autosave_changes: int = 1,
         mqtt_autosave_seconds: int = 0,
         kafka_proxied: bool = False,
+        mqtt_message_limit: int = 0,
     ) -> None:
         self.regions = list(regions)
         self.with_kafka = kafka
@@ -491,6 +496,7 @@ class LocalStack:
         self.mqtt_autosave_changes = mqtt_autosave_changes
         self.mqtt_autosave_seconds = mqtt_autosave_seconds
         self.kafka_proxied = kafka_proxied
+        self.mqtt_message_limit = mqtt_message_limit
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else None
         self._procs: dict[str, subprocess.Popen] = {}
@@ -606,7 +612,7 @@ class LocalStack:
         data.mkdir(parents=True, exist_ok=True)
         port = self._require().mqtt[region][1]
         conf.write_text(mosquitto_conf(port, data, self.mqtt_autosave_changes,
-                                       self.mqtt_autosave_seconds))
+                                       self.mqtt_autosave_seconds, self.mqtt_message_limit))
         proc = _spawn([MOSQUITTO_BIN, "-c", str(conf)], log, detach=self.detach)
         self._procs[f"mosquitto:{region}"] = proc
         self._require().pids[f"mosquitto:{region}"] = proc.pid

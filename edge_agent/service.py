@@ -7,6 +7,12 @@ public HE context (this process cannot decrypt anything, not even its own update
 evaluation numbers stay on the device unless the operator opts in (``--report-eval``); the only
 other thing that leaves in clear is its coarse weight (capped sample count, 3 significant bits),
 which the region range-checks. It refuses any model version older than the newest it has seen.
+
+What it trains is the federation's project (``--project``, docs/projects.md), installed on the
+device: the project's model on the data its loader returns for this device (``--data``), read
+again every round. A round task for another project, model definition or codec plan is refused
+(``task_mismatch``); unusable local data sits the round out (``data_error``); both are one log
+line and a counter, and the device carries on.
 """
 
 from __future__ import annotations
@@ -14,20 +20,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field, field_validator
 
-from edge_agent.data import TASKS, agent_dataset
-from edge_agent.models import make_spec
-from edge_agent.train import LocalTrainConfig, evaluate, local_seed, train_local
+from edge_agent.loaders import DeviceContext, device_options, load_device_data, resolve_loader
+from edge_agent.models import model_hash, project_spec
+from edge_agent.train import (
+    LocalTrainConfig,
+    evaluate,
+    local_seed,
+    train_local,
+    use_compile_cache,
+)
 from schemas import fedstream_pb2 as pb
+from schemas.cli import MqttClient, ServiceSettings, tune_malloc
 from schemas.codec import Codec, update_seed
 from schemas.errors import InvalidMessage, Reason
-from schemas.kafka import MAX_MESSAGE_BYTES
 from schemas.keyring import Keyring
+from schemas.mqtt import MAX_PACKET_BYTES as MAX_MESSAGE_BYTES
 from schemas.mqtt import MqttLink
+from schemas.project import check_device_id, load_project, task_hash
 from schemas.signing import header, open_envelope, open_model_version, seal
 from schemas.task import codec_params
 from schemas.telemetry import ACCEPTED, BYTES, ROUND, reject, serve
@@ -37,46 +51,70 @@ log = logging.getLogger("fedstream.edge")
 SERVICE = "edge"
 
 
-@dataclass(frozen=True)
-class EdgeSettings:
-    agent_id: str
-    region: str
-    mqtt_host: str
-    mqtt_port: int
-    keys_dir: Path
-    num_agents: int
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    data_seed: int = 0
-    task_name: str = "digits"
-    straggle_s: float = 0.0  # test hook: wait this long before publishing (a slow device)
-    metrics_port: int | None = None
-    namespace: str = "fedstream"
-    mqtt_username: str | None = None
-    mqtt_password: str | None = None
-    mqtt_ca_file: Path | None = None
-    report_eval: bool = False  # send local loss/accuracy in clear beside the update (opt-in)
+class EdgeSettings(ServiceSettings, MqttClient):
+    """fedstream-edge-agent: one device of the fleet. Trains the project's model on this
+    device's own data when a round task arrives (the region's retained MQTT model topic),
+    publishes the clipped, quantized, CKKS-encrypted update with QoS 1 and keeps it until the
+    regional receipt names this device. Refuses a round task for another project, model or codec
+    plan (task_mismatch). Exits after the final model. Every flag is also an environment
+    variable: FEDSTREAM_<FLAG> (e.g. FEDSTREAM_DEVICE_ID)."""
+
+    model_config = ServiceSettings.model_config | {"cli_prog_name": "fedstream-edge-agent"}
+
+    device_id: str = Field(description="this device's id in the trust store (the fleet's own: "
+                           "serial numbers etc., [A-Za-z0-9._-]{1,64})")
+    keys: Path = Field(description="key directory (public HE context + this device's key)")
+    project: Path = Field(description="the federation's project directory (its pyproject.toml "
+                          "names model, loss and data loader)")
+    region: str | None = Field(None, description="region (default: the trust store's)")
+    data: dict[str, str] = Field(
+        default_factory=dict, description="this device's own loader settings, KEY=VALUE "
+        "(repeatable), over the project's loader_options; e.g. --data path=/var/log/x.csv")
+    report_eval: bool = Field(
+        False, description="opt in: send this device's local test loss and accuracy IN CLEAR "
+        "beside its encrypted update (off: only ciphertext and a coarse weight leave)")
+    straggle_s: float = Field(0.0, ge=0, description="testing: wait this long before "
+                              "publishing each update (a slow device)")
+    compile_cache: str = Field(
+        str(Path.home() / ".cache" / "fedstream" / "xla"),
+        description="keep the compiled training step here, so that every start after the first "
+        "loads it instead of compiling (less peak memory, faster first update); '' disables")
+
+    @field_validator("device_id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_device_id(v)
 
     @property
-    def agent_index(self) -> int:
-        try:
-            return int(self.agent_id.rsplit("-", 1)[1])
-        except (IndexError, ValueError):
-            raise ValueError(f"agent id {self.agent_id!r} is not of the form agent-<n>") from None
+    def agent_id(self) -> str:
+        return self.device_id
 
 
 class EdgeAgent:
     def __init__(self, settings: EdgeSettings) -> None:
         self.s = settings
+        tune_malloc(arena_max=1)  # before XLA starts its threads: a small device's memory
+        if settings.compile_cache:
+            use_compile_cache(Path(settings.compile_cache))
         self.t = Topics(settings.namespace)
-        self.keys = Keyring.load(settings.keys_dir, settings.agent_id)
-        me = self.keys.trust.get(settings.agent_id)
-        if me is None or me.region != settings.region:
-            raise ValueError(f"{settings.agent_id} is not registered in {settings.region}")
-        if settings.task_name not in TASKS:
-            raise ValueError(f"unknown task {settings.task_name!r}")
-        self.data = agent_dataset(settings.task_name, settings.agent_index, settings.num_agents,
-                                  settings.partition, settings.alpha, settings.data_seed)
+        self.keys = Keyring.load(settings.keys, settings.device_id)
+        me = self.keys.trust.get(settings.device_id)
+        if me is None or me.role != "agent":
+            raise ValueError(f"{settings.device_id} is not a device of the trust store")
+        if settings.region not in (None, me.region):
+            raise ValueError(f"{settings.device_id} belongs to {me.region}, not {settings.region}")
+        self.region = me.region
+        self.project = load_project(settings.project)
+        self.spec = project_spec(self.project)
+        self.model_hash = model_hash(self.spec)
+        self.loader = resolve_loader(self.project.table.loader)
+        self.data_ctx = DeviceContext(
+            settings.device_id, self.region, self.project.root,
+            device_options(self.project.table.loader_options, settings.data,
+                           device_id=settings.device_id, region=self.region))
+        log.info("%s (%s) runs project %s %s, model %s (%d parameters, hash %s)",
+                 settings.device_id, self.region, self.project.name, self.project.version,
+                 self.spec.factory, self.spec.num_params, self.model_hash[:12])
         self.pending: dict[int, list[bytes]] = {}  # round -> update chunk envelopes
         self.done_round = 0
         self.finished = asyncio.Event()
@@ -89,36 +127,37 @@ class EdgeAgent:
         for round_id, chunks in list(self.pending.items()):
             log.info("%s: republishing round %d update after reconnect", self.s.agent_id, round_id)
             for raw in chunks:
-                self.mqtt.publish(self.t.update(self.s.region, self.s.agent_id), raw)
+                self.mqtt.publish(self.t.update(self.region, self.s.agent_id), raw)
 
     def build_update(self, mv: pb.ModelVersion) -> list[bytes]:
         """Train on the local data from ``mv`` and return the signed update chunk envelopes
         (blocking: call it off the event loop)."""
         task = mv.next_task
-        info = TASKS[task.task_name]
-        spec = make_spec(task.model_name, info.input_shape, info.num_classes)
+        spec = self.spec
         cfg = LocalTrainConfig(optimizer=task.train.optimizer, lr=task.train.lr,
                                epochs=task.train.epochs, batch_size=task.train.batch_size,
                                prox_mu=task.train.prox_mu)
         codec = Codec(codec_params(task.codec), mv.num_params,
                       self.keys.he if task.codec.encrypted else None)
         params = np.frombuffer(mv.params, "<f4").copy()
-        x, y, xt, yt = self.data
+        data = load_device_data(self.loader, self.data_ctx, spec.input_shape)  # data_error
+        x, y, xt, yt = data.x_train, data.y_train, data.x_test, data.y_test
         ev = evaluate(spec, params, xt, yt) if self.s.report_eval else {}
         delta, n, _ = train_local(spec, params, x, y, cfg,
                                   local_seed(task.seed, task.round, self.s.agent_id))
         payloads = codec.encode(delta, n, update_seed(task.seed, task.round, self.s.agent_id))
         weight = codec.weight(n)
-        topic = self.t.update(self.s.region, self.s.agent_id)
+        topic = self.t.update(self.region, self.s.agent_id)
         chunks = []
         for i, payload in enumerate(payloads):
             up = pb.UpdateChunk(
                 header=header(self.s.agent_id, task.round, mv.header.model_version,
                               task.he_fingerprint, i, len(payloads)),
-                agent_id=self.s.agent_id, region=self.s.region, payload=payload,
+                agent_id=self.s.agent_id, region=self.region, payload=payload,
                 weight=weight if i == 0 else 0,
+                project_version=self.project.version if i == 0 else "",
                 eval=pb.EvalSums(loss_sum=ev["loss"] * len(yt),
-                                 accuracy_sum=ev["accuracy"] * len(yt), count=len(yt))
+                                 accuracy_sum=ev.get("accuracy", 0.0) * len(yt), count=len(yt))
                 if i == 0 and ev else None,
             )
             chunks.append(seal(pb.UPDATE_CHUNK, up, self.s.agent_id, self.keys.private_key,
@@ -129,14 +168,17 @@ class EdgeAgent:
         task = mv.next_task
         try:
             chunks = await asyncio.to_thread(self.build_update, mv)
-        except (InvalidMessage, ValueError) as exc:
+        except InvalidMessage as exc:  # data_error: sit this round out, say so once
+            reject(SERVICE, exc, f"round {task.round} on {self.s.agent_id}")
+            return
+        except ValueError as exc:
             log.error("%s: round %d failed locally: %s", self.s.agent_id, task.round, exc)
             return
         if self.s.straggle_s:
             await asyncio.sleep(self.s.straggle_s)
         self.pending[task.round] = chunks
         for raw in chunks:
-            self.mqtt.publish(self.t.update(self.s.region, self.s.agent_id), raw)
+            self.mqtt.publish(self.t.update(self.region, self.s.agent_id), raw)
             BYTES.labels(SERVICE, "mqtt_out").inc(len(raw))
         late = time.time() > task.deadline_unix
         log.info("%s: round %d update published (%d chunks, %d bytes%s)", self.s.agent_id,
@@ -159,15 +201,34 @@ class EdgeAgent:
             raise InvalidMessage("wrong_fingerprint", "round task names another HE context")
         if task.round <= self.done_round:
             return None
+        self._check_task(mv)
         if task.selected_agents and self.s.agent_id not in task.selected_agents:
             self.done_round = task.round
             return None
         return mv
 
+    def _check_task(self, mv: pb.ModelVersion) -> None:
+        """Refuse a round task for another project, model definition or codec plan: no code
+        crosses the wire, so the device must already run what the task names."""
+        task = mv.next_task
+        try:
+            codec = Codec(codec_params(task.codec), mv.num_params,
+                          self.keys.he if task.codec.encrypted else None)
+            mine = task_hash(self.project.name, self.model_hash, codec.framer.digest)
+        except InvalidMessage as exc:
+            raise InvalidMessage(Reason.TASK_MISMATCH, f"round {task.round}: {exc}") from exc
+        if task.task_name != self.project.name or task.project_hash != mine:
+            self.done_round = task.round  # one refusal (and one log line) per round
+            raise InvalidMessage(Reason.TASK_MISMATCH, (
+                f"round {task.round} is for project {task.task_name!r} {task.project_version} "
+                f"(task hash {task.project_hash[:12]}, {mv.num_params} parameters); this device "
+                f"runs {self.project.name!r} {self.project.version} (task hash {mine[:12]}, "
+                f"{self.spec.num_params} parameters): install the federation's project"))
+
     def _on_receipt(self, raw: bytes) -> None:
         rc = open_envelope(raw, pb.RECEIPT, self.keys.trust, max_bytes=1 << 20,
-                           topic=self.t.receipts(self.s.region)).body
-        if rc.region != self.s.region or rc.header.sender != self.s.region:
+                           topic=self.t.receipts(self.region)).body
+        if rc.region != self.region or rc.header.sender != self.region:
             raise InvalidMessage("unauthorized", f"receipt from {rc.header.sender!r}")
         if self.s.agent_id in rc.agents and self.pending.pop(rc.header.round, None) is not None:
             ACCEPTED.labels(SERVICE, "receipt").inc()
@@ -179,7 +240,7 @@ class EdgeAgent:
         self.mqtt = MqttLink(
             host=self.s.mqtt_host, port=self.s.mqtt_port,
             client_id=f"{self.s.namespace}-edge-{self.s.agent_id}",
-            subscriptions=[self.t.model(self.s.region), self.t.receipts(self.s.region)],
+            subscriptions=[self.t.model(self.region), self.t.receipts(self.region)],
             loop=loop, persistent=False, on_connect=self._republish,
             username=self.s.mqtt_username, password=self.s.mqtt_password,
             ca_file=self.s.mqtt_ca_file,
@@ -197,7 +258,7 @@ class EdgeAgent:
                     break
                 msg = get.result()
                 try:
-                    if msg.topic == self.t.receipts(self.s.region):
+                    if msg.topic == self.t.receipts(self.region):
                         self._on_receipt(bytes(msg.payload))
                         continue
                     mv = self._on_model(bytes(msg.payload))

@@ -19,16 +19,52 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from edge_agent.models import ModelSpec, apply
+from edge_agent.models import ModelSpec, apply, resolve
+from schemas.settings import TrainSettings
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 EVAL_BATCH = 512
+_T = TrainSettings()  # the defaults live on the settings model
+
+
+def _cross_entropy(outputs: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(outputs, labels.astype(jnp.int32))
+
+
+def _mse(outputs: jax.Array, labels: jax.Array) -> jax.Array:
+    diff = (outputs - labels.reshape(outputs.shape)).reshape((outputs.shape[0], -1))
+    return jnp.mean(diff**2, axis=-1)
+
+
+def _accuracy(outputs: jax.Array, labels: jax.Array) -> jax.Array:
+    return (jnp.argmax(outputs, -1) == labels.astype(jnp.int32)).astype(jnp.float32)
+
+
+#: Built-in per-example losses ``(outputs, labels) -> (B,)``.
+LOSSES = {"softmax_cross_entropy": _cross_entropy, "mse": _mse}
+#: Built-in per-example metrics ``(outputs, labels) -> (B,)``.
+METRICS = {"accuracy": _accuracy, "mse": _mse}
+
+
+def loss_fn(name: str):
+    """A built-in loss by name, or a project's ``"package.module:function"``."""
+    return LOSSES[name] if name in LOSSES else resolve(name, "loss")
+
+
+def metric_fns(names: tuple[str, ...]) -> dict[str, object]:
+    """``{metric name: function}``; ``"name=package.module:function"`` names a project's own."""
+    out = {}
+    for item in names:
+        name, _, path = item.partition("=")
+        out[name] = resolve(path, "metric") if path else METRICS.get(name) or resolve(name, "metric")
+    return out
 
 
 @dataclass(frozen=True)
@@ -43,17 +79,27 @@ class LocalTrainConfig:
         prox_mu: FedProx proximal coefficient; ``0`` is plain FedAvg local training.
     """
 
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    epochs: int = 1
-    batch_size: int = 32
-    prox_mu: float = 0.0
+    optimizer: str = _T.optimizer
+    lr: float = _T.lr
+    epochs: int = _T.epochs
+    batch_size: int = _T.batch_size
+    prox_mu: float = _T.prox_mu
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown local optimizer {self.optimizer!r}; known: {OPTIMIZERS}")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 0 or self.prox_mu < 0:
             raise ValueError(f"nonsense local training settings: {self}")
+
+
+def use_compile_cache(path: Path) -> None:
+    """Keep XLA's compiled programs (a few tens of kB) in ``path`` across restarts: compiling the
+    training step is the largest transient memory cost of a device, and a cached program gives
+    bit-identical results."""
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def local_seed(base_seed: int, round_id: int, agent_id: str) -> int:
@@ -71,13 +117,11 @@ def _make_optimizer(cfg: LocalTrainConfig) -> optax.GradientTransformation:
     return optax.adam(cfg.lr)
 
 
-def _masked_ce(spec: ModelSpec, flat: jax.Array, x: jax.Array, y: jax.Array, mask: jax.Array):
-    logits = apply(spec, flat, x)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+def _masked_loss(spec: ModelSpec, flat: jax.Array, x: jax.Array, y: jax.Array, mask: jax.Array):
+    per_example = loss_fn(spec.loss)(apply(spec, flat, x), y)
     # Divide by the nominal batch size, not by the number of real samples: a short last batch
     # then takes a proportionally short step instead of a full-size step on a few samples.
-    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-    return (ce * mask).sum() / mask.shape[0], (correct * mask).sum()
+    return (per_example * mask).sum() / mask.shape[0]
 
 
 @functools.lru_cache(maxsize=32)
@@ -85,7 +129,7 @@ def _train_step(spec: ModelSpec, cfg: LocalTrainConfig):
     opt = _make_optimizer(cfg)
 
     def loss_fn(flat, global_flat, x, y, mask):
-        loss, _ = _masked_ce(spec, flat, x, y, mask)
+        loss = _masked_loss(spec, flat, x, y, mask)
         if cfg.prox_mu > 0:  # static: mu = 0 traces exactly the FedAvg objective
             loss = loss + 0.5 * cfg.prox_mu * jnp.sum((flat - global_flat) ** 2)
         return loss
@@ -127,7 +171,7 @@ def train_local(
     opt, step = _train_step(spec, cfg)
     g = jnp.asarray(global_flat, jnp.float32)
     flat, opt_state = g, opt.init(g)
-    x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+    x, y = np.asarray(x, np.float32), _labels(y)
     rng = np.random.default_rng(seed)
     steps = 0
     last_losses: list[jax.Array] = []
@@ -141,34 +185,44 @@ def train_local(
     return delta, n, {"loss": float(np.mean(last_losses)), "steps": float(steps)}
 
 
+def _labels(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    return y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
+
+
 @functools.lru_cache(maxsize=32)
 def _eval_batch(spec: ModelSpec):
+    loss = loss_fn(spec.loss)
+    metrics = metric_fns(spec.metrics)
+
     @jax.jit
     def f(flat, x, y, mask):
-        logits = apply(spec, flat, x)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-        return (ce * mask).sum(), (correct * mask).sum()
+        out = apply(spec, flat, x)
+        sums = {"loss": (loss(out, y) * mask).sum()}
+        for name, m in metrics.items():
+            sums[name] = (m(out, y) * mask).sum()
+        return sums
 
     return f
 
 
 def evaluate(spec: ModelSpec, flat: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Mean cross-entropy ``loss`` and ``accuracy`` of ``flat`` on ``(x, y)``."""
+    """Mean ``loss`` and every metric of the spec (``accuracy`` by default) of ``flat`` on
+    ``(x, y)``; NaN for an empty set."""
     n = int(len(y))
+    names = ["loss", *metric_fns(spec.metrics)]
     if n == 0:
-        return {"loss": float("nan"), "accuracy": float("nan")}
+        return dict.fromkeys(names, float("nan"))
     f = _eval_batch(spec)
     p = jnp.asarray(flat, jnp.float32)
-    x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
-    loss_sum, correct = 0.0, 0.0
+    x, y = np.asarray(x, np.float32), _labels(y)
+    totals = dict.fromkeys(names, 0.0)
     for start in range(0, n, EVAL_BATCH):
         xb, yb = x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
         pad = EVAL_BATCH - len(yb)
         mask = np.concatenate([np.ones(len(yb), np.float32), np.zeros(pad, np.float32)])
         xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), np.float32)])
-        yb = np.concatenate([yb, np.zeros(pad, np.int32)])
-        ls, c = f(p, xb, yb, mask)
-        loss_sum += float(ls)
-        correct += float(c)
-    return {"loss": loss_sum / n, "accuracy": correct / n}
+        yb = np.concatenate([yb, np.zeros((pad, *yb.shape[1:]), yb.dtype)])
+        for k, v in f(p, xb, yb, mask).items():
+            totals[k] += float(v)
+    return {k: v / n for k, v in totals.items()}

@@ -1,10 +1,13 @@
-"""``make demo``: a whole encrypted federation on real local brokers, with a live display.
+"""``make demo``: a whole encrypted federation of a project on real local brokers, live.
 
-Starts one Mosquitto per region and a single-node KRaft Kafka on loopback, generates keys, runs
-3 regional aggregators, the global aggregator and 3 x 4 edge agents as separate processes
-(digits, Dirichlet non-IID, CKKS-encrypted 8-bit updates), follows the model topic as a streaming
+Runs a project (default ``examples/digits``: 3 regions x 4 devices, Dirichlet non-IID digits,
+CKKS-encrypted 8-bit updates in 100 kB chunks): writes the demo data of its simulated fleet
+(``[tool.fedstream.simulation] data``), starts one Mosquitto per region and a single-node KRaft
+Kafka on loopback, generates keys for the fleet, runs the regional aggregators, the global
+aggregator and the devices as separate processes, follows the model topic as a streaming
 consumer would, shows one line per round, writes ``runs/demo/demo.png`` and stops everything it
-started.
+started. A project without a server-side evaluation set is judged by its devices' own test sets
+(the demo turns on ``--report-eval``).
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from rich.table import Table
 
 from compose.federation import Federation
 from compose.localstack import LocalStack
+from edge_agent.models import resolve
 from global_aggregator.consumer import model_versions
-from global_aggregator.keygen import fleet, write_keys
+from global_aggregator.keygen import write_keys
 from global_aggregator.plots import plot_rounds
+from schemas.project import load_project
 from schemas.signing import TrustStore
 
-# Settings that reach >= 90% on digits with 12 non-IID agents (see bench/simulate.py).
-DEMO_TRAIN = ["--local-lr", "0.1", "--local-epochs", "2", "--batch-size", "16"]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,44 +41,50 @@ def main(argv: list[str] | None = None) -> None:
         description="Run an encrypted federation (regions x agents as separate processes) on a "
         "local Mosquitto + Kafka, show each round live, plot the result, stop everything.",
     )
-    ap.add_argument("--regions", type=int, default=3)
-    ap.add_argument("--agents-per-region", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew alpha")
-    ap.add_argument("--strategy", default="fedavg")
+    ap.add_argument("--project", type=Path, default=EXAMPLES / "digits",
+                    help="the project to federate (default: examples/digits)")
+    ap.add_argument("--rounds", type=int, default=None, help="default: the project's")
     ap.add_argument("--plaintext", action="store_true", help="no HE (trusted deployments)")
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="logs, keys and plot")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="demo data seed")
     a = ap.parse_args(argv)
     console = Console()
-    num_agents = a.regions * a.agents_per_region
+    try:
+        project = load_project(a.project)
+        devices = project.table.simulation.fleet()
+    except ValueError as exc:
+        ap.error(str(exc))
+    rounds = a.rounds or project.federation.rounds
+    num_agents = sum(map(len, devices.values()))
     a.out.mkdir(parents=True, exist_ok=True)
-    regions = [f"region-{r}" for r in range(a.regions)]
-
-    console.print(f"[bold]fedstream demo[/]: {a.regions} regions x {a.agents_per_region} agents, "
-                  f"{a.rounds} rounds, digits Dirichlet({a.alpha}), "
-                  f"{'plaintext' if a.plaintext else 'CKKS-encrypted'} 8-bit updates")
-    with console.status(f"starting Mosquitto x{a.regions} and Kafka (KRaft) on loopback"):
+    regions = list(devices)
+    codec = project.federation.codec
+    console.print(f"[bold]fedstream demo[/]: project {project.name} {project.version}, "
+                  f"{len(regions)} regions, {num_agents} devices, {rounds} rounds, "
+                  f"{'plaintext' if a.plaintext else 'CKKS-encrypted'} {codec.bits}-bit updates "
+                  f"in {codec.chunk_bytes // 1000} kB chunks")
+    if project.table.simulation.data:
+        resolve(project.table.simulation.data, "demo data")(
+            [d for ids in devices.values() for d in ids], project.root / "data", a.seed)
+    with console.status(f"starting Mosquitto x{len(regions)} and Kafka (KRaft) on loopback"):
         stack = LocalStack(regions, workdir=a.out / "stack", mqtt_autosave_seconds=1)
         info = stack.start()
     fed = None
     try:
         keys = a.out / f"keys-{uuid.uuid4().hex[:6]}"
-        summary = write_keys(keys, num_agents, a.regions)
+        summary = write_keys(keys, devices=devices)
         console.print(f"keys in {keys} (HE fingerprint {summary['he_fingerprint'][:16]}...)")
         assert info.kafka_bootstrap is not None  # the demo's stack always runs Kafka
         fed = Federation(
             mqtt=info.mqtt, kafka=info.kafka_bootstrap, keys_dir=keys,
-            fleet=fleet(num_agents, a.regions), workdir=a.out / "logs",
+            fleet=devices, workdir=a.out / "logs", project=project.root,
             namespace=f"demo-{uuid.uuid4().hex[:6]}",
-            global_args=["--rounds", str(a.rounds), "--strategy", a.strategy,
-                         "--seed", str(a.seed), "--deadline-s", "120",
-                         "--min-participants", "1", *DEMO_TRAIN,
-                         *(["--plaintext"] if a.plaintext else [])],
-            edge_args=["--alpha", str(a.alpha), "--data-seed", str(a.seed)],
+            global_args=["--rounds", str(rounds), "--min-participants", "1",
+                         *(["--no-codec.encrypted"] if a.plaintext else [])],
+            edge_args=[] if project.table.server_eval else ["--report-eval"],
         )
         fed.start_all()
-        history = asyncio.run(_follow(fed, TrustStore.load(keys / "trust.json"), a.rounds, console))
+        history = asyncio.run(_follow(fed, TrustStore.load(keys / "trust.json"), rounds, console))
     finally:
         with console.status("stopping every process the demo started"):
             if fed is not None:
@@ -82,15 +92,21 @@ def main(argv: list[str] | None = None) -> None:
             stack.stop()
     (a.out / "history.json").write_text(json.dumps(history, indent=2))
     png = plot_rounds(history, a.out / "demo.png",
-                      title=f"fedstream demo: {num_agents} agents in {a.regions} regions")
-    table = Table("round", "version", "participants", "excluded", "server acc", "uplink MB",
+                      title=f"fedstream demo: {project.name}, {num_agents} devices in "
+                      f"{len(regions)} regions")
+    table = Table("round", "version", "participants", "excluded", "accuracy", "uplink MB",
                   "model KB", title="rounds")
     for h in history:
         table.add_row(str(h["round"]), str(h["version"]), str(int(h["participants"])),
-                      str(int(h.get("excluded_agents", 0))), f"{h['server_accuracy']:.3f}",
+                      str(int(h.get("excluded_agents", 0))), f"{accuracy(h):.3f}",
                       f"{h['update_bytes'] / 1e6:.2f}", f"{h['model_bytes'] / 1e3:.0f}")
     console.print(table)
     console.print(f"plot: {png}   history: {a.out / 'history.json'}   logs: {a.out / 'logs'}")
+
+
+def accuracy(metrics: dict) -> float:
+    """The server's accuracy, else the devices' federated accuracy (NaN if neither)."""
+    return float(metrics.get("server_accuracy", metrics.get("federated_accuracy", float("nan"))))
 
 
 async def _follow(fed: Federation, trust: TrustStore, rounds: int, console: Console) -> list[dict]:
@@ -111,7 +127,7 @@ async def _follow(fed: Federation, trust: TrustStore, rounds: int, console: Cons
             history.append(row)
             progress.update(
                 bar, completed=v.round,
-                description=f"acc {m['server_accuracy']:.3f}  participants "
+                description=f"acc {accuracy(m):.3f}  participants "
                 f"{int(m['participants'])}/{fed.num_agents}  uplink "
                 f"{m['update_bytes'] / 1e6:.2f} MB",
             )

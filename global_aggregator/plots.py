@@ -15,7 +15,8 @@ def plot_rounds(history: list[dict], path: Path, *, title: str) -> Path:
     rounds = [h["round"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     ax = axes[0]
-    ax.plot(rounds, [h["server_accuracy"] for h in history], "o-", label="server test set")
+    if all("server_accuracy" in h for h in history):
+        ax.plot(rounds, [h["server_accuracy"] for h in history], "o-", label="server test set")
     if all("federated_accuracy" in h for h in history):
         ax.plot(rounds, [h["federated_accuracy"] for h in history], "s--",
                 label="federated (agents' test sets, parent model)")

@@ -24,15 +24,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
+from pydantic import Field
 
-from edge_agent.data import TASKS, server_test_set
-from edge_agent.models import init_params, make_spec
+from edge_agent.models import init_flat, model_hash, project_spec, resolve
 from edge_agent.train import LocalTrainConfig, evaluate
 from global_aggregator.combine import GlobalRound, RoundResult
 from global_aggregator.sampling import select_agents
@@ -44,7 +43,8 @@ from global_aggregator.strategies import (
     state_to_bytes,
 )
 from schemas import fedstream_pb2 as pb
-from schemas.codec import Codec, CodecParams
+from schemas.cli import ServiceSettings
+from schemas.codec import Codec
 from schemas.errors import InvalidMessage, Reason
 from schemas.kafka import (
     CLIENT_SIZES,
@@ -54,6 +54,8 @@ from schemas.kafka import (
     read_latest_model,
 )
 from schemas.keyring import GLOBAL_ID, Keyring
+from schemas.project import load_project, task_hash
+from schemas.settings import FederationSettings
 from schemas.signing import header, open_control, open_envelope, seal
 from schemas.task import codec_params, codec_spec
 from schemas.telemetry import (
@@ -75,31 +77,31 @@ log = logging.getLogger("fedstream.global")
 SERVICE = "global"
 
 
-@dataclass(frozen=True)
-class GlobalSettings:
-    """How the federation runs (set by flags or environment at the entry point)."""
+class GlobalSettings(ServiceSettings, FederationSettings):
+    """fedstream-global-aggregator: the round coordinator, the only holder of the secret key.
+    Publishes signed model versions with their round task to the compacted Kafka model topic,
+    consumes the regions' encrypted partial sums, decrypts only their total, applies the server
+    optimizer and publishes the next version in the same Kafka transaction as the consumer
+    offsets; resumes from the topics on restart. The federation's settings come from the
+    project's [tool.fedstream.federation] table; flags and FEDSTREAM_<FLAG> environment
+    variables (nested: FEDSTREAM_CODEC__BITS) override it."""
 
-    kafka_bootstrap: str
-    keys_dir: Path
-    rounds: int = 15
-    min_participants: int = 1
-    strategy: str = "fedavg"
-    server_lr: float | None = None  # None: the strategy's default
-    round_deadline_s: float = 60.0
-    grace_s: float = 15.0
-    task_name: str = "digits"
-    model_name: str = ""
-    seed: int = 0
-    clients_per_round: float = 1.0
-    codec: CodecParams = field(default_factory=CodecParams)
-    train: LocalTrainConfig = field(default_factory=LocalTrainConfig)
-    metrics_port: int | None = None
-    namespace: str = "fedstream"
-    kafka_retry_s: float = 2.0
-    secret_context: Path | None = None  # default: keys_dir/he/secret.ctx
-    min_group: int = 2  # privacy floor k: no sum of fewer agents is ever decrypted
-    quarantine_after: int = 3  # consecutive failed rounds before a device is quarantined
-    linger_s: float = 0.0  # after the final version, keep serving metrics this long (or SIGTERM)
+    model_config = ServiceSettings.model_config | {"cli_prog_name": "fedstream-global-aggregator"}
+
+    kafka: str = Field(description="Kafka bootstrap servers")
+    keys: Path = Field(description="key directory with the SECRET HE context and the global key")
+    project: Path = Field(description="the federation's project directory")
+    secret_context: Path | None = Field(
+        None, description="secret HE context file (default: KEYS/he/secret.ctx)")
+    linger_s: float = Field(
+        0.0, ge=0, description="after the final version, keep serving /metrics this many "
+        "seconds (or until SIGTERM) so the last round's numbers can be scraped")
+    kafka_retry_s: float = Field(2.0, gt=0, description="pause before resuming after a Kafka "
+                                 "error")
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.kafka
 
     @property
     def transactional_id(self) -> str:
@@ -108,22 +110,6 @@ class GlobalSettings:
     @property
     def group_id(self) -> str:
         return f"{self.namespace}-global"
-
-    def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ValueError("rounds must be at least 1")
-        if self.min_participants < 1:
-            raise ValueError("min_participants must be at least 1")
-        if not 0 < self.clients_per_round <= 1:
-            raise ValueError("clients_per_round must be in (0, 1]")
-        if self.min_group < 1 or self.quarantine_after < 1:
-            raise ValueError("min_group and quarantine_after must be at least 1")
-        if self.task_name not in TASKS:
-            raise ValueError(f"unknown task {self.task_name!r}; known: {sorted(TASKS)}")
-
-    @property
-    def model(self) -> str:
-        return self.model_name or TASKS[self.task_name].default_model
 
 
 def train_spec(cfg: LocalTrainConfig) -> pb.TrainSpec:
@@ -135,16 +121,30 @@ class GlobalAggregator:
     def __init__(self, settings: GlobalSettings) -> None:
         self.s = settings
         self.t = Topics(settings.namespace)
-        self.keys = Keyring.load(settings.keys_dir, GLOBAL_ID, secret=True,
+        self.keys = Keyring.load(settings.keys, GLOBAL_ID, secret=True,
                                  secret_path=settings.secret_context)
         if not self.keys.he.is_private:
             raise ValueError("the global aggregator needs the secret HE context")
         self.regions = self.keys.trust.names(role="region")
         self.agents = self.keys.trust.names(role="agent")
-        info = TASKS[settings.task_name]
-        self.spec = make_spec(settings.model, info.input_shape, info.num_classes)
-        self.opt = make_server_optimizer(settings.strategy, lr=settings.server_lr)
-        self.test_set = server_test_set(settings.task_name, settings.seed)
+        self.project = load_project(settings.project)
+        self.spec = project_spec(self.project)
+        self.model_hash = model_hash(self.spec)
+        self.codec_params = settings.codec.params()
+        self.train = LocalTrainConfig(**settings.train.model_dump())
+        self.opt = make_server_optimizer(settings.strategy, lr=settings.server_lr,
+                                         momentum=settings.server_momentum, b1=settings.b1,
+                                         b2=settings.b2, tau=settings.tau)
+        self.test_set = None
+        if self.project.table.server_eval:
+            x, y = resolve(self.project.table.server_eval, "server_eval")()
+            self.test_set = (np.asarray(x, np.float32), np.asarray(y))
+        if settings.min_group < 2:
+            log.warning("privacy floor k = %d: single devices' updates can be decrypted",
+                        settings.min_group)
+        log.info("project %s %s: model %s (%d parameters, hash %s), %d rounds, privacy floor "
+                 "k = %d", self.project.name, self.project.version, self.spec.factory,
+                 self.spec.num_params, self.model_hash[:12], settings.rounds, settings.min_group)
         self.done = asyncio.Event()
         self._stop = asyncio.Event()
         self.history: list[dict] = []
@@ -154,12 +154,16 @@ class GlobalAggregator:
     def _task(self, round_id: int, version: int, quarantined: list[str],
               suspects: list[str]) -> pb.RoundTask:
         selected = select_agents(self.agents, self.s.clients_per_round, self.s.seed, round_id)
+        codec = Codec(self.codec_params, self.spec.num_params,
+                      self.keys.he if self.codec_params.encrypted else None)
         return pb.RoundTask(
-            round=round_id, model_version=version, codec=codec_spec(self.s.codec),
-            train=train_spec(self.s.train), deadline_unix=time.time() + self.s.round_deadline_s,
+            round=round_id, model_version=version, codec=codec_spec(self.codec_params),
+            train=train_spec(self.train), deadline_unix=time.time() + self.s.deadline_s,
             min_participants=self.s.min_participants, he_fingerprint=self.keys.he.fingerprint,
             seed=self.s.seed, selected_agents=selected if len(selected) < len(self.agents) else [],
-            model_name=self.s.model, task_name=self.s.task_name,
+            model_name=self.spec.factory, task_name=self.project.name,
+            project_hash=task_hash(self.project.name, self.model_hash, codec.framer.digest),
+            project_version=self.project.version,
             quarantined_agents=sorted(quarantined), min_group=self.s.min_group,
             suspected_agents=sorted(suspects),
         )
@@ -171,7 +175,7 @@ class GlobalAggregator:
         final = round_id >= self.s.rounds
         mv = pb.ModelVersion(
             header=header(GLOBAL_ID, round_id, version, self.keys.he.fingerprint),
-            model_name=self.s.model, num_params=int(params.size),
+            model_name=self.project.name, num_params=int(params.size),
             params=np.asarray(params, "<f4").tobytes(), optimizer_state=opt_state_raw,
             provenance=provenance, final=final, quarantine=quarantine,
         )
@@ -267,10 +271,9 @@ class GlobalAggregator:
 
     async def _rounds(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
         mv, _ = await read_latest_model(self.s.kafka_bootstrap, self.t.models, self.keys.trust,
-                                       self.s.model)
+                                       self.project.name)
         if mv is None:
-            params, _ = init_params(self.s.model, self.spec.input_shape, self.spec.num_classes,
-                                    self.s.seed)
+            params = init_flat(self.spec, self.s.seed)
             state = init_state(self.opt, params)
             mv = self._version(0, 0, params, state_to_bytes(state),
                                pb.Provenance(strategy=self.s.strategy, created_unix=time.time()))
@@ -353,8 +356,9 @@ class GlobalAggregator:
             log.warning("round %d: %d usable participants (need %d); model unchanged", r, n,
                         self.s.min_participants)
         quarantine = self._quarantine(mv.quarantine, result, lifts)
-        ev = evaluate(self.spec, params, *self.test_set)
-        metrics.update({"server_accuracy": ev["accuracy"], "server_loss": ev["loss"]})
+        if self.test_set is not None:
+            ev = evaluate(self.spec, params, *self.test_set)
+            metrics.update({f"server_{k}": v for k, v in ev.items()})
         if eval_sums.count:
             metrics["federated_accuracy"] = eval_sums.accuracy_sum / eval_sums.count
             metrics["federated_loss"] = eval_sums.loss_sum / eval_sums.count
@@ -371,8 +375,9 @@ class GlobalAggregator:
         raw = await self._publish(producer, new, consumer)
         ROUND_SECONDS.observe(time.time() - t0)
         self.history.append({"round": r, "version": version + 1, "bytes": len(raw), **metrics})
-        log.info("round %d -> model v%d: %d participants, accuracy %.3f", r, version + 1, n,
-                 ev["accuracy"])
+        log.info("round %d -> model v%d: %d participants%s", r, version + 1, n,
+                 f", server accuracy {metrics['server_accuracy']:.3f}"
+                 if "server_accuracy" in metrics else "")
         return new
 
     def _quarantine(self, old: pb.Quarantine, result: RoundResult,

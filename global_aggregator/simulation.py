@@ -12,7 +12,7 @@ with the simulation's bit for bit.
 Conventions shared with the services:
 
 * agents ``agent-000`` .. ``agent-{N-1:03d}``, regions ``region-0`` .. (contiguous blocks,
-  :func:`edge_agent.partition.assign_regions`);
+  :func:`global_aggregator.partition.assign_regions`);
 * round ``r`` (1-based) trains on model version ``r - 1`` and produces version ``r``;
 * quantization seed ``update_seed(seed, r, agent_id)``; local training seed
   ``local_seed(seed, r, agent_id)``; the initial model is ``init_params(..., seed)``.
@@ -30,14 +30,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_agent.data import TASKS, agent_dataset, server_test_set
-from edge_agent.models import ModelSpec, init_params
-from edge_agent.partition import assign_regions
+from edge_agent.loaders import DeviceContext, load_device_data, resolve_loader
+from edge_agent.models import ModelSpec, init_flat, init_params, project_spec, resolve
 from edge_agent.train import LocalTrainConfig, evaluate, local_seed, train_local
 from global_aggregator.combine import GlobalRound
+from global_aggregator.datasets import TASKS, agent_dataset, server_test_set
+from global_aggregator.partition import assign_regions
 from global_aggregator.sampling import sample_indices
 from global_aggregator.strategies import init_state, make_server_optimizer, server_step
 from regional_aggregator.summing import RegionalSum
+from schemas.errors import InvalidMessage
+from schemas.project import Project
+from schemas.settings import FederationSettings
 
 if TYPE_CHECKING:
     from schemas.codec import CodecParams
@@ -51,9 +55,14 @@ def region_id(index: int) -> str:
     return f"region-{index}"
 
 
+_F = FederationSettings()  # one source of defaults: the settings a deployment starts from
+
+
 @dataclass(frozen=True)
 class SimConfig:
-    """Every knob of a simulation; defaults are the digits benchmark's.
+    """Every knob of a simulation. The federation's knobs default to
+    :class:`~schemas.settings.FederationSettings` (what a deployment starts from);
+    :func:`project_config` takes them from a project instead.
 
     Args:
         task: ``"digits"`` or ``"telemetry"``.
@@ -78,33 +87,29 @@ class SimConfig:
     model: str | None = None
     num_agents: int = 20
     num_regions: int = 4
-    rounds: int = 25
+    rounds: int = _F.rounds
     partition: str = "dirichlet"
     alpha: float = 0.5
-    seed: int = 0
-    encrypted: bool = True
+    seed: int = _F.seed
+    encrypted: bool = _F.codec.encrypted
     float_mode: bool = False
-    bits: int = 8
-    clip_l2: float = 2.0
-    clip_coord: float = 0.1
-    max_summands: int = 64
-    weight_cap: int = 1024
-    chunk_bytes: int = 1 << 20
-    local: LocalTrainConfig = field(
-        default_factory=lambda: LocalTrainConfig(
-            optimizer="momentum", lr=0.05, epochs=2, batch_size=16
-        )
-    )
-    strategy: str = "fedavg"
-    server_lr: float | None = None
-    server_momentum: float = 0.9
-    b1: float = 0.9
-    b2: float = 0.99
-    tau: float = 1e-3
-    clients_per_round: float = 1.0
+    bits: int = _F.codec.bits
+    clip_l2: float = _F.codec.clip_l2
+    clip_coord: float = _F.codec.clip_coord
+    max_summands: int = _F.codec.max_summands
+    weight_cap: int = _F.codec.weight_cap
+    chunk_bytes: int = _F.codec.chunk_bytes
+    local: LocalTrainConfig = field(default_factory=LocalTrainConfig)
+    strategy: str = _F.strategy
+    server_lr: float | None = _F.server_lr
+    server_momentum: float = _F.server_momentum
+    b1: float = _F.b1
+    b2: float = _F.b2
+    tau: float = _F.tau
+    clients_per_round: float = _F.clients_per_round
     dropout: float = 0.0
     federated_eval: bool = True
-    min_group: int = 1
+    min_group: int = _F.min_group
     excluded: dict[int, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -139,6 +144,96 @@ class SimConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_settings(cls, fed: FederationSettings, **sim: Any) -> SimConfig:
+        """The simulation of a federation run with ``fed`` (plus simulation-only knobs)."""
+        c, t = fed.codec, fed.train
+        return cls(
+            rounds=fed.rounds, seed=fed.seed, encrypted=c.encrypted, bits=c.bits,
+            clip_l2=c.clip_l2, clip_coord=c.clip_coord, max_summands=c.max_summands,
+            weight_cap=c.weight_cap, chunk_bytes=c.chunk_bytes,
+            local=LocalTrainConfig(optimizer=t.optimizer, lr=t.lr, epochs=t.epochs,
+                                   batch_size=t.batch_size, prox_mu=t.prox_mu),
+            strategy=fed.strategy, server_lr=fed.server_lr, server_momentum=fed.server_momentum,
+            b1=fed.b1, b2=fed.b2, tau=fed.tau, clients_per_round=fed.clients_per_round,
+            min_group=fed.min_group, **sim)
+
+
+@dataclass
+class SimSetup:
+    """What a simulation runs on besides its settings: the model, the fleet and its data.
+
+    ``devices`` are sorted (the index is the sampling index the global aggregator uses);
+    ``data[i]`` is device i's ``(x_train, y_train, x_test, y_test)``, or ``None`` when its data
+    is unusable (the device is sampled but never delivers, as in a deployment); ``server_test``
+    is ``None`` for a project without a server-side evaluation set (the federated evaluation over
+    the devices' test sets then stands in for it).
+    """
+
+    spec: ModelSpec
+    devices: list[str]
+    regions: list[str]
+    data: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None]
+    server_test: tuple[np.ndarray, np.ndarray] | None
+
+
+def builtin_setup(cfg: SimConfig) -> SimSetup:
+    """The research tasks: a built-in data set partitioned across ``agent-000``..."""
+    _, spec = initial_model(cfg)
+    return SimSetup(
+        spec=spec, devices=[agent_id(i) for i in range(cfg.num_agents)],
+        regions=[region_id(r) for r in assign_regions(cfg.num_agents, cfg.num_regions)],
+        data=[agent_dataset(cfg.task, i, cfg.num_agents, cfg.partition, cfg.alpha, cfg.seed)
+              for i in range(cfg.num_agents)],
+        server_test=server_test_set(cfg.task, cfg.seed),
+    )
+
+
+def project_setup(project: Project, fleet: dict[str, list[str]] | None = None,
+                  data_options: dict[str, Any] | None = None) -> SimSetup:
+    """A project's simulation: every device's data from the project's own loader, called with
+    that device's settings exactly as the edge agent calls it (``data_options`` are what each
+    device passes with ``--data``; ``{device_id}`` is substituted)."""
+    from edge_agent.loaders import device_options
+
+    fleet = fleet if fleet is not None else project.table.simulation.fleet()
+    region_of = {d: r for r, ds in fleet.items() for d in ds}
+    devices = sorted(region_of)
+    spec = project_spec(project)
+    loader = resolve_loader(project.table.loader)
+    data: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None] = []
+    for d in devices:
+        ctx = DeviceContext(d, region_of[d], project.root, device_options(
+            project.table.loader_options, data_options or {}, device_id=d, region=region_of[d]))
+        try:
+            ld = load_device_data(loader, ctx, spec.input_shape)
+            data.append((ld.x_train, ld.y_train, ld.x_test, ld.y_test))
+        except InvalidMessage:
+            data.append(None)
+    server_test = None
+    if project.table.server_eval:
+        x, y = resolve(project.table.server_eval, "server_eval")()
+        server_test = (np.asarray(x, np.float32), np.asarray(y))
+    return SimSetup(spec=spec, devices=devices, regions=[region_of[d] for d in devices],
+                    data=data, server_test=server_test)
+
+
+def project_config(project: Project, fleet: dict[str, list[str]] | None = None,
+                   **overrides: Any) -> SimConfig:
+    """The :class:`SimConfig` of a project: its federation settings and its simulated fleet."""
+    fleet = fleet if fleet is not None else project.table.simulation.fleet()
+    return SimConfig.from_settings(project.federation, num_agents=sum(map(len, fleet.values())),
+                                   num_regions=len(fleet), **overrides)
+
+
+#: The research benchmark's settings (bench/simulate.py): 25 rounds of momentum SGD on
+#: 20 non-IID digits agents, clip 2.0 / 0.1; the numbers in bench/results/simulate.json.
+BENCH_DIGITS = dict(
+    task="digits", num_agents=20, num_regions=4, partition="dirichlet", alpha=0.5, rounds=25,
+    clip_l2=2.0, clip_coord=0.1,
+    local=LocalTrainConfig(optimizer="momentum", lr=0.05, epochs=2, batch_size=16),
+)
+
 
 @dataclass
 class SimResult:
@@ -171,6 +266,7 @@ def simulate(
     cfg: SimConfig,
     progress: Callable[[dict[str, Any]], None] | None = None,
     keys: tuple[bytes, bytes] | None = None,
+    setup: SimSetup | None = None,
 ) -> SimResult:
     """Run ``cfg.rounds`` federated rounds; call ``progress(entry)`` after each.
 
@@ -179,19 +275,20 @@ def simulate(
         progress: called with each round's history entry.
         keys: ``(secret_bytes, public_bytes)`` HE keys for encrypted runs; generated if ``None``.
             Keys only change ciphertexts, never the decrypted sums, so results do not depend on them.
+        setup: the model, fleet and data (:func:`project_setup`); default: ``cfg``'s built-in
+            task (:func:`builtin_setup`).
     """
-    params, spec = initial_model(cfg)
+    setup = setup if setup is not None else builtin_setup(cfg)
+    spec = setup.spec
+    params = init_flat(spec, cfg.seed)
     opt = make_server_optimizer(
         cfg.strategy, lr=cfg.server_lr, momentum=cfg.server_momentum, b1=cfg.b1, b2=cfg.b2,
         tau=cfg.tau,
     )
     opt_state = init_state(opt, params)
-    shards = [
-        agent_dataset(cfg.task, i, cfg.num_agents, cfg.partition, cfg.alpha, cfg.seed)
-        for i in range(cfg.num_agents)
-    ]
-    x_test, y_test = server_test_set(cfg.task, cfg.seed)
-    regions = assign_regions(cfg.num_agents, cfg.num_regions)
+    shards = setup.data
+    regions = setup.regions
+    usable = [s for s in shards if s is not None]
 
     edge_codec = global_codec = None
     if not cfg.float_mode:
@@ -218,15 +315,18 @@ def simulate(
         left_out = cfg.excluded.get(round_id, frozenset())
         sums = (
             {r: RegionalSum(edge_codec, round_id, min_group=cfg.min_group, seed=cfg.seed,
-                            region=region_id(r),
-                            expected=[agent_id(i) for i in sampled if regions[i] == r])
-             for r in range(cfg.num_regions)}
+                            region=r,
+                            expected=[setup.devices[i] for i in sampled if regions[i] == r])
+             for r in sorted(set(regions))}
             if edge_codec is not None
             else {}
         )
         for i in sampled:
-            aid = agent_id(i)
-            x, y, _, _ = shards[i]
+            aid = setup.devices[i]
+            shard = shards[i]
+            if shard is None:  # unusable data: the device sits the round out
+                continue
+            x, y, _, _ = shard
             t0 = time.perf_counter()
             delta, n, metrics = train_local(
                 spec, params, x, y, cfg.local, local_seed(cfg.seed, round_id, aid)
@@ -250,7 +350,8 @@ def simulate(
                                            weight=edge_codec.weight(n))
             t["regional_sum"] += time.perf_counter() - t0
 
-        participants = len([i for i in delivering if agent_id(i) not in left_out])
+        participants = len([i for i in delivering if setup.devices[i] not in left_out
+                            and shards[i] is not None])
         if participants:
             t0 = time.perf_counter()
             avg: np.ndarray | None
@@ -262,7 +363,7 @@ def simulate(
                     groups = rs.groups()
                     for g, group in enumerate(groups):
                         for ci, payload in enumerate(group.payloads):
-                            gr.add_partial(region_id(r), g, len(groups), ci, payload,
+                            gr.add_partial(r, g, len(groups), ci, payload,
                                            group.agents, group.weights)
                 result = gr.finish()
                 avg, participants = result.avg_delta, result.num_participants
@@ -272,22 +373,24 @@ def simulate(
                 params, opt_state = server_step(opt, params, opt_state, avg)
             t["server_step"] += time.perf_counter() - t0
 
-        ev = evaluate(spec, params, x_test, y_test)
         entry: dict[str, Any] = {
             "round": round_id,
-            "accuracy": ev["accuracy"],
-            "loss": ev["loss"],
             "participants": participants,
             "sampled": len(sampled),
             "bytes_up": bytes_up,
             "train_loss": float(np.mean(train_losses)) if train_losses else float("nan"),
             "timings": t,
         }
-        if cfg.federated_eval:
-            local = [evaluate(spec, params, s[2], s[3]) for s in shards]
-            sizes = np.array([len(s[3]) for s in shards], np.float64)
-            entry["fed_accuracy"] = float(np.dot([m["accuracy"] for m in local], sizes) / sizes.sum())
-            entry["fed_loss"] = float(np.dot([m["loss"] for m in local], sizes) / sizes.sum())
+        if setup.server_test is not None:
+            entry.update(evaluate(spec, params, *setup.server_test))
+        if cfg.federated_eval or setup.server_test is None:
+            local = [evaluate(spec, params, s[2], s[3]) for s in usable]
+            sizes = np.array([len(s[3]) for s in usable], np.float64)
+            for k in local[0] if local else ():
+                fed = float(np.dot([m[k] for m in local], sizes) / sizes.sum())
+                entry[f"fed_{k}"] = fed
+                if setup.server_test is None:  # no server-side set: judged by the devices
+                    entry.setdefault(k, fed)
         history.append(entry)
         if progress is not None:
             progress(entry)
@@ -297,6 +400,6 @@ def simulate(
 def rounds_to_reach(history: list[dict[str, Any]], target: float) -> int | None:
     """First round whose server accuracy is at least ``target`` (``None`` if never)."""
     for e in history:
-        if e["accuracy"] >= target:
+        if e.get("accuracy", float("-inf")) >= target:
             return int(e["round"])
     return None

@@ -16,9 +16,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge_agent.partition import PARTITIONS
 from edge_agent.train import OPTIMIZERS, LocalTrainConfig
-from global_aggregator.simulation import SimConfig, rounds_to_reach, simulate
+from global_aggregator.partition import PARTITIONS
+from global_aggregator.simulation import (
+    SimConfig,
+    SimSetup,
+    project_setup,
+    rounds_to_reach,
+    simulate,
+)
 from global_aggregator.strategies import STRATEGIES
 
 
@@ -64,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--b1", type=float, default=d.b1)
     g.add_argument("--b2", type=float, default=d.b2)
     g.add_argument("--tau", type=float, default=d.tau)
+    p.add_argument("--project", type=Path, default=None,
+                   help="simulate this project (its model, loader, settings and simulated "
+                   "fleet); the flags above then override only what they name")
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --project: loader settings every simulated device gets")
     p.add_argument("--out", type=Path, default=Path("sim-out"), help="output directory")
     p.add_argument("--target", type=float, default=0.9, help="accuracy target to report")
     return p
@@ -83,20 +94,61 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
     )
 
 
+#: flag -> the FederationSettings field it sets (with --project, only given flags override)
+FEDERATION_FLAGS = {
+    "rounds": ("rounds",), "seed": ("seed",), "strategy": ("strategy",),
+    "server_lr": ("server_lr",), "server_momentum": ("server_momentum",), "b1": ("b1",),
+    "b2": ("b2",), "tau": ("tau",), "clients_per_round": ("clients_per_round",),
+    "bits": ("codec", "bits"), "clip_l2": ("codec", "clip_l2"),
+    "clip_coord": ("codec", "clip_coord"), "max_summands": ("codec", "max_summands"),
+    "weight_cap": ("codec", "weight_cap"), "chunk_bytes": ("codec", "chunk_bytes"),
+    "local_optimizer": ("train", "optimizer"), "local_lr": ("train", "lr"),
+    "local_epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"),
+    "prox_mu": ("train", "prox_mu"),
+}
+
+
+def project_run(a: argparse.Namespace) -> tuple[SimConfig, SimSetup, str]:
+    """``(config, setup, title)`` of ``--project``: the project's settings, overridden by the
+    federation flags that were given (their defaults are None in project mode)."""
+    from schemas.project import load_project
+    from schemas.settings import FederationSettings
+
+    project = load_project(a.project)
+    table = json.loads(json.dumps(project.federation_table))
+    for flag, path in FEDERATION_FLAGS.items():
+        value = getattr(a, flag)
+        if value is not None:
+            node = table
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+    if a.plaintext or a.float:
+        table.setdefault("codec", {})["encrypted"] = False
+    fed = FederationSettings.model_validate(table)
+    data = dict(item.split("=", 1) for item in a.data)
+    fleet = project.table.simulation.fleet()
+    cfg = SimConfig.from_settings(fed, num_agents=sum(map(len, fleet.values())),
+                                  num_regions=len(fleet), float_mode=a.float, dropout=a.dropout,
+                                  federated_eval=not a.no_federated_eval)
+    return cfg, project_setup(project, fleet, data), f"{project.name} {project.version}"
+
+
 def plot_history(history: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rounds = [e["round"] for e in history]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
-    ax[0].plot(rounds, [e["accuracy"] for e in history], label="server test")
+    ax[0].plot(rounds, [e.get("accuracy", np.nan) for e in history], label="server test")
     if history and "fed_accuracy" in history[0]:
         ax[0].plot(rounds, [e["fed_accuracy"] for e in history], "--", label="federated")
     ax[0].set(title="accuracy", xlabel="round", ylim=(0, 1))
     ax[0].legend()
-    ax[1].plot(rounds, [e["loss"] for e in history])
+    ax[1].plot(rounds, [e.get("loss", np.nan) for e in history])
     ax[1].set(title="test loss", xlabel="round")
     ax[2].bar(rounds, [e["bytes_up"] / 1e6 for e in history])
     ax[2].set(title="uplink MB per round", xlabel="round")
@@ -110,10 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "--project" in (argv if argv is not None else sys.argv[1:]):
+        for action in parser._actions:  # project mode: a flag overrides only when given
+            if action.dest in FEDERATION_FLAGS:
+                action.default = None
+    args = parser.parse_args(argv)
     console = Console(stderr=True)
+    setup: SimSetup | None = None
     try:
-        cfg = config_from_args(args)
+        if args.project is not None:
+            cfg, setup, title = project_run(args)
+        else:
+            cfg = config_from_args(args)
+            title = f"{cfg.task} / {cfg.model_name}"
     except ValueError as e:
         console.print(f"[red]invalid settings:[/red] {e}")
         return 2
@@ -126,24 +188,24 @@ def main(argv: list[str] | None = None) -> int:
         task = progress.add_task("rounds", total=cfg.rounds, acc="")
 
         def on_round(e: dict[str, Any]) -> None:
-            progress.update(task, advance=1, acc=f"acc {e['accuracy']:.3f}  loss {e['loss']:.3f}")
+            progress.update(task, advance=1, acc=f"acc {e.get('accuracy', float('nan')):.3f}  "
+                            f"loss {e.get('loss', float('nan')):.3f}")
 
-        result = simulate(cfg, progress=on_round)
+        result = simulate(cfg, progress=on_round, setup=setup)
     final = result.history[-1]
     summary = {
         "config": cfg.to_dict(),
         "mode": mode,
         "num_params": result.spec.num_params,
-        "final_accuracy": final["accuracy"],
+        "final_accuracy": final.get("accuracy"),
         "rounds_to_target": rounds_to_reach(result.history, args.target),
         "target": args.target,
         "history": result.history,
     }
     (args.out / "history.json").write_text(json.dumps(summary, indent=2))
-    plot_history(result.history, args.out / "history.png",
-                 f"{cfg.task} / {cfg.model_name} / {cfg.strategy} / {mode}")
+    plot_history(result.history, args.out / "history.png", f"{title} / {cfg.strategy} / {mode}")
     console.print(
-        f"final accuracy {final['accuracy']:.4f}; rounds to {args.target:.0%}: "
+        f"final accuracy {final.get('accuracy', float('nan')):.4f}; rounds to {args.target:.0%}: "
         f"{summary['rounds_to_target']}; wrote {args.out}/history.json and history.png"
     )
     return 0

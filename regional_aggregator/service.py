@@ -19,19 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from pydantic import Field, field_validator
 
 from regional_aggregator.ratelimit import TokenBuckets
 from regional_aggregator.robust import make_rule
 from regional_aggregator.summing import RegionalSum
 from schemas import fedstream_pb2 as pb
+from schemas.cli import MqttClient, ServiceSettings, tune_malloc
 from schemas.codec import Codec
 from schemas.errors import InvalidMessage, Reason
 from schemas.kafka import CLIENT_SIZES, MAX_MESSAGE_BYTES, catch_up, ensure_topics, model_consumer
@@ -45,62 +47,72 @@ from schemas.telemetry import (
     DUPLICATES,
     INBOX_DEPTH,
     KAFKA_RETRIES,
+    PROJECT_VERSIONS,
     ROUND,
     reject,
     serve,
 )
 from schemas.topics import Topics
 
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")
 log = logging.getLogger("fedstream.regional")
 SERVICE = "regional"
 
 
-def _pin_malloc_threshold() -> None:
-    """Serve every buffer over 128 KiB with its own mmap, returned to the OS when freed.
+class RegionalSettings(ServiceSettings, MqttClient):
+    """fedstream-regional-aggregator: the summing service of one region. Takes the region's
+    encrypted updates from MQTT (persistent session, manual ack), adds them without decrypting,
+    writes the partial sums to Kafka, then acks and publishes receipts; relays each new model
+    version from Kafka to the region's retained MQTT topic. Every flag is also an environment
+    variable: FEDSTREAM_<FLAG> (e.g. FEDSTREAM_REGION)."""
 
-    glibc raises its mmap threshold after the first large free (up to 32 MiB), after which
-    multi-MB messages come from the heap and a burst of them leaves RSS high for good; a fixed
-    threshold keeps a flood of large junk messages from growing the region (glibc only; a no-op
-    elsewhere).
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    model_config = ServiceSettings.model_config | {
+        "cli_prog_name": "fedstream-regional-aggregator"}
 
+    region: str = Field(description="region id, e.g. region-0")
+    kafka: str = Field(description="Kafka bootstrap servers")
+    keys: Path = Field(description="key directory (public HE context + the region's key)")
+    model: str = Field("", description="project whose models to relay (default: whichever "
+                       "the namespace carries)")
+    min_agents_per_partial: int = Field(
+        2, ge=1, description="privacy floor k: never forward a sum (a group) of fewer devices; "
+        "the round task's floor applies if higher")
+    max_groups: int = Field(
+        8, ge=1, description="sum the region's devices in at most this many disjoint groups of "
+        ">= k, so a poisoned total can be narrowed down to one group")
+    max_message_bytes: int = Field(
+        MAX_PACKET_BYTES, ge=1024, description="reject larger MQTT messages (the local stack's "
+        "Mosquitto refuses them too)")
+    inbox_size: int = Field(16, ge=1, description="MQTT messages held for verification before "
+                            "backpressure")
+    rate_per_s: float = Field(20.0, gt=0, description="sustained messages per second one "
+                              "device may send")
+    rate_burst: float = Field(200.0, ge=1, description="messages one device may send at once "
+                              "(a whole republished update)")
+    robust: str = Field(
+        "", description="plaintext rounds only (a trusted region that sees updates): aggregate "
+        "with a robust rule: median, trimmed:BETA, krum:F, multikrum:F:M, norm:C or mean "
+        "(default: the plain sum)")
+    kafka_retry_s: float = Field(1.0, gt=0, description="pause before retrying Kafka")
+    kafka_timeout_s: float = Field(10.0, gt=0, description="one Kafka request's timeout")
+    kafka_budget_s: float = Field(
+        15.0, gt=0, description="seconds one attempt to commit a partial may take before it is "
+        "retried with a new producer")
 
-@dataclass(frozen=True)
-class RegionalSettings:
-    region: str
-    mqtt_host: str
-    mqtt_port: int
-    kafka_bootstrap: str
-    keys_dir: Path
-    model_name: str = ""  # relay only this model; empty: the namespace's one model
-    min_agents_per_partial: int = 2  # the privacy floor k; the round task's may raise it
-    max_groups: int = 8  # at most this many groups per partial (see summing.py)
-    max_message_bytes: int = MAX_PACKET_BYTES
-    inbox_size: int = 16  # MQTT messages waiting to be verified (backpressure beyond)
-    rate_per_s: float = 20.0  # sustained messages per second per device
-    rate_burst: float = 200.0  # messages a device may send at once (a whole republished update)
-    robust: str = ""  # plaintext rounds only: a rule of regional_aggregator.robust, e.g. "median"
-    metrics_port: int | None = None
-    kafka_retry_s: float = 1.0
-    kafka_timeout_s: float = 10.0  # one Kafka request's timeout
-    kafka_budget_s: float = 15.0  # one attempt to commit a partial, before a new producer
-    mqtt_username: str | None = None
-    mqtt_password: str | None = None
-    mqtt_ca_file: Path | None = None
-    namespace: str = "fedstream"
+    @field_validator("robust")
+    @classmethod
+    def _rule(cls, v: str) -> str:
+        if v:
+            make_rule(v)  # refuse nonsense at start-up
+        return v
 
-    def __post_init__(self) -> None:
-        if self.min_agents_per_partial < 1:
-            raise ValueError("min_agents_per_partial must be at least 1")
-        if self.max_groups < 1 or self.inbox_size < 1:
-            raise ValueError("max_groups and inbox_size must be at least 1")
-        if not self.rate_per_s > 0 or not self.rate_burst >= 1:
-            raise ValueError("rate_per_s must be > 0 and rate_burst >= 1")
-        if self.robust:
-            make_rule(self.robust)  # refuse nonsense at start-up
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.kafka
+
+    @property
+    def model_name(self) -> str:
+        return self.model
 
 
 @dataclass
@@ -119,13 +131,14 @@ class _Round:
     flushed: bool = False
     update_bytes: int = 0
     committed_agents: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)  # agent -> its project version
 
 
 class RegionalAggregator:
     def __init__(self, settings: RegionalSettings) -> None:
         self.s = settings
         self.t = Topics(settings.namespace)
-        self.keys = Keyring.load(settings.keys_dir, settings.region)
+        self.keys = Keyring.load(settings.keys, settings.region)
         agents = self.keys.trust.names(role="agent", region=settings.region)
         if not agents:
             raise ValueError(f"trust store has no agents in region {settings.region!r}")
@@ -286,12 +299,24 @@ class RegionalAggregator:
         r.pending.append(msg)
         ACCEPTED.labels(SERVICE, "update_chunk").inc()
         r.update_bytes += len(msg.payload)
+        if up.header.chunk_index == 0:
+            self._count_version(r, up)
         if up.header.chunk_index == 0 and up.HasField("eval"):
             r.eval.loss_sum += up.eval.loss_sum
             r.eval.accuracy_sum += up.eval.accuracy_sum
             r.eval.count += up.eval.count
         if set(r.summer.agents) >= r.expected:
             self._round_changed.set()
+
+    def _count_version(self, r: _Round, up: pb.UpdateChunk) -> None:
+        """Version skew: devices per project version this round (a label only for well-formed
+        versions, and reset every round, so a device cannot grow the metric without bound)."""
+        v = up.project_version
+        r.versions[up.agent_id] = v if VERSION.fullmatch(v) else "invalid"
+        PROJECT_VERSIONS.clear()
+        for version in set(r.versions.values()):
+            PROJECT_VERSIONS.labels(r.task.task_name, version).set(
+                sum(1 for x in r.versions.values() if x == version))
 
     # -- flush: Kafka commit, then acks and receipts -------------------------------------------
 
@@ -411,7 +436,10 @@ class RegionalAggregator:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        _pin_malloc_threshold()
+        # glibc raises its mmap threshold after the first large free (up to 32 MiB), after which
+        # multi-MB messages come from the heap and a burst of them leaves RSS high for good: a
+        # fixed threshold keeps a flood of large junk messages from growing the region
+        tune_malloc(mmap_threshold=128 * 1024)
         serve(self.s.metrics_port)
         loop = asyncio.get_running_loop()
         self.mqtt = MqttLink(

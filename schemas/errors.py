@@ -73,6 +73,9 @@ class Reason(StrEnum):
     NO_SECRET_KEY = "no_secret_key"
     BAD_OPTIMIZER_STATE = "bad_optimizer_state"
     BAD_COMMAND = "bad_command"
+    # the device's own project and data
+    TASK_MISMATCH = "task_mismatch"        # the round task names another project / model / plan
+    DATA_ERROR = "data_error"              # the device's local data is missing or unusable
 
 
 class InvalidMessage(ValueError):

@@ -87,7 +87,7 @@ class TrainSpec(_message.Message):
     def __init__(self, optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., prox_mu: _Optional[float] = ...) -> None: ...
 
 class RoundTask(_message.Message):
-    __slots__ = ("round", "model_version", "codec", "train", "deadline_unix", "min_participants", "he_fingerprint", "seed", "selected_agents", "model_name", "task_name", "quarantined_agents", "min_group", "suspected_agents")
+    __slots__ = ("round", "model_version", "codec", "train", "deadline_unix", "min_participants", "he_fingerprint", "seed", "selected_agents", "model_name", "task_name", "quarantined_agents", "min_group", "suspected_agents", "project_hash", "project_version")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,8 @@ class RoundTask(_message.Message):
     QUARANTINED_AGENTS_FIELD_NUMBER: _ClassVar[int]
     MIN_GROUP_FIELD_NUMBER: _ClassVar[int]
     SUSPECTED_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_HASH_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_VERSION_FIELD_NUMBER: _ClassVar[int]
     round: int
     model_version: int
     codec: CodecSpec
@@ -116,7 +118,9 @@ class RoundTask(_message.Message):
     quarantined_agents: _containers.RepeatedScalarFieldContainer[str]
     min_group: int
     suspected_agents: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., min_participants: _Optional[int] = ..., he_fingerprint: _Optional[str] = ..., seed: _Optional[int] = ..., selected_agents: _Optional[_Iterable[str]] = ..., model_name: _Optional[str] = ..., task_name: _Optional[str] = ..., quarantined_agents: _Optional[_Iterable[str]] = ..., min_group: _Optional[int] = ..., suspected_agents: _Optional[_Iterable[str]] = ...) -> None: ...
+    project_hash: str
+    project_version: str
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., min_participants: _Optional[int] = ..., he_fingerprint: _Optional[str] = ..., seed: _Optional[int] = ..., selected_agents: _Optional[_Iterable[str]] = ..., model_name: _Optional[str] = ..., task_name: _Optional[str] = ..., quarantined_agents: _Optional[_Iterable[str]] = ..., min_group: _Optional[int] = ..., suspected_agents: _Optional[_Iterable[str]] = ..., project_hash: _Optional[str] = ..., project_version: _Optional[str] = ...) -> None: ...
 
 class RegionParticipants(_message.Message):
     __slots__ = ("region", "agents")
@@ -213,20 +217,22 @@ class EvalSums(_message.Message):
     def __init__(self, loss_sum: _Optional[float] = ..., accuracy_sum: _Optional[float] = ..., count: _Optional[float] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
-    __slots__ = ("header", "agent_id", "region", "payload", "eval", "weight")
+    __slots__ = ("header", "agent_id", "region", "payload", "eval", "weight", "project_version")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_VERSION_FIELD_NUMBER: _ClassVar[int]
     header: Header
     agent_id: str
     region: str
     payload: bytes
     eval: EvalSums
     weight: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_id: _Optional[str] = ..., region: _Optional[str] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ..., weight: _Optional[int] = ...) -> None: ...
+    project_version: str
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_id: _Optional[str] = ..., region: _Optional[str] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ..., weight: _Optional[int] = ..., project_version: _Optional[str] = ...) -> None: ...
 
 class PartialChunk(_message.Message):
     __slots__ = ("header", "region", "agents", "payload", "eval", "update_bytes", "group", "group_count", "weights")

@@ -47,6 +47,12 @@ ANOMALOUS_ROUNDS = Counter(
 QUARANTINED = Gauge(
     "fedstream_quarantined_agents", "Agents currently quarantined after repeated failed updates"
 )
+PROJECT_VERSIONS = Gauge(
+    "fedstream_devices_by_project_version",
+    "Devices whose update the region accepted in the current round, by the version of the "
+    "project they run (version skew during a gradual roll-out)",
+    ["project", "version"],
+)
 ROUND_SECONDS = Histogram(
     "fedstream_round_seconds", "Wall time of one round at the global aggregator",
     buckets=(0.5, 1, 2, 5, 10, 20, 40, 80, 160),

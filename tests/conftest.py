@@ -1,8 +1,8 @@
 """Shared fixtures. Brokers start lazily: only a test that requests `stack` / `stack_factory`
 (mark it @pytest.mark.network) starts Mosquitto/Kafka; unit tests never do.
 
-- stack          session-scoped LocalStack (regions "region-0", "region-1" + one KRaft Kafka),
-                 started on first use, stopped at the end of the session. Don't kill it: use
+- stack          session-scoped LocalStack (regions "region-0", "region-1" + one KRaft Kafka;
+                 Mosquitto capped at 128 KB messages like AWS IoT Core), started on first use, stopped at the end of the session. Don't kill it: use
                  stack_factory for fault injection.
 - stack_factory  function-scoped: make(regions=("region-0",), kafka=True, **kw) -> started LocalStack
                  of your own (kill/restart freely); all are stopped at teardown.
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 DEFAULT_REGIONS = ("region-0", "region-1")
+MANAGED_BROKER_LIMIT = 128 * 1024
 
 
 def _brokers_available() -> str | None:
@@ -46,7 +47,8 @@ def stack():
     _require_brokers()
     from compose.localstack import LocalStack
 
-    s = LocalStack(list(DEFAULT_REGIONS))
+    # every federation test runs under a managed broker's message cap (AWS IoT Core: 128 KB)
+    s = LocalStack(list(DEFAULT_REGIONS), mqtt_message_limit=MANAGED_BROKER_LIMIT)
     s.start()
     try:
         yield s

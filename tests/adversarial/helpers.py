@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -28,7 +28,6 @@ import paho.mqtt.client as mqtt
 from compose.federation import Federation
 from edge_agent.service import EdgeAgent, EdgeSettings
 from global_aggregator.consumer import VerifiedModel
-from global_aggregator.simulation import simulate
 from schemas import fedstream_pb2 as pb
 from schemas.codec import Codec
 from schemas.kafka import MAX_MESSAGE_BYTES
@@ -36,11 +35,10 @@ from schemas.signing import header, open_model_version, seal
 from schemas.task import codec_params
 from schemas.topics import Topics
 from tests.e2e.helpers import (
-    SEED,
     make_federation,
     rejected,
     scrape,
-    sim_config,
+    simulate_federation,
     total_rejected,
     watch,
     with_metrics,
@@ -60,9 +58,8 @@ class StolenDevice:
         self.fed, self.agent, self.region, self.on_round = fed, agent, region, on_round
         self.topics = Topics(fed.namespace)
         self.edge = EdgeAgent(EdgeSettings(
-            agent_id=agent, region=region, mqtt_host=host, mqtt_port=port,
-            keys_dir=fed.keys_dir, num_agents=fed.num_agents, alpha=0.5, data_seed=SEED,
-            namespace=fed.namespace))
+            device_id=agent, mqtt=f"{host}:{port}", keys=fed.keys_dir, project=fed.project,
+            data=fed.data, namespace=fed.namespace))
         self.key = self.edge.keys.private_key
         self.he = self.edge.keys.he
         assert not self.he.is_private, "a device never holds the secret context"
@@ -230,8 +227,7 @@ def assert_matches_simulation(outcome: Outcome, rounds: int) -> None:
     for v in outcome.versions[1:]:
         counted = {a for agents in v.participants.values() for a in agents}
         excluded[v.round] = frozenset(every - counted)
-    sim = simulate(replace(sim_config(agents=AGENTS, regions=REGIONS, rounds=rounds),
-                           excluded=excluded))
+    sim = simulate_federation(outcome.fed, rounds, excluded=excluded)
     for v, h in zip(outcome.versions[1:], sim.history, strict=True):
         assert sum(len(a) for a in v.participants.values()) == h["participants"]
     assert outcome.versions[-1].params.tobytes() == \

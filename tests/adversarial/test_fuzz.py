@@ -88,7 +88,7 @@ def test_fuzz_mqtt_update_topic(stack, tmp_path, topic_prefix):
             dev.publish(e)
 
     out = run_attack(stack, tmp_path, topic_prefix, attack, timeout_s=600, deadline_s=600,
-                     extra_global=["--chunk-bytes", "70000"],
+                     extra_global=["--codec.chunk-bytes", "70000"],
                      extra_regional=["--rate-per-s", "1e6", "--rate-burst", "1e6"])
 
     assert sent == [N]

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from edge_agent.data import agent_dataset
 from global_aggregator.quarantine_cli import lift
 from schemas import fedstream_pb2 as pb
 from schemas.kafka import CLIENT_SIZES
@@ -32,7 +31,7 @@ from tests.adversarial.helpers import (
     assert_matches_simulation,
     run_attack,
 )
-from tests.e2e.helpers import SEED, make_federation, scrape, total_rejected, watch
+from tests.e2e.helpers import make_federation, scrape, total_rejected, watch
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -78,9 +77,9 @@ def test_weight_pulling_the_total_down_to_the_agent_count_is_excluded(stack, tmp
     # the thief knows every other device's weight (worst case) and makes the total weight 8
     def attack(dev, mv):
         codec = dev.codec(mv)
-        others = sum(codec.weight(len(agent_dataset("digits", i, AGENTS, "dirichlet", 0.5,
-                                                    SEED)[1]))
-                     for i in range(AGENTS) if f"agent-{i:03d}" != THIEF)
+        path = dev.fed.data["path"]
+        others = sum(codec.weight(len(np.load(path.replace("{device_id}", a))["y_train"]))
+                     for a in dev.fed.fleet_ids if a != THIEF)
         fake = AGENTS - others
         for e in dev.envelopes(mv, codec.encode_raw(codec.pack(_noise(codec), fake)), 256):
             dev.publish(e)
@@ -121,7 +120,7 @@ def test_bad_last_chunk_of_a_multi_chunk_update_changes_nothing(stack, tmp_path,
             dev.publish(envs[-1])
 
     out = run_attack(stack, tmp_path, topic_prefix, attack, deadline_s=30,
-                     extra_global=["--chunk-bytes", "70000"])
+                     extra_global=["--codec.chunk-bytes", "70000"])
 
     assert out.rejected("region-1", "corrupt") + out.rejected("region-1", "truncated") == 2
     assert out.rejected("region-1", "incomplete") == 1
@@ -205,7 +204,7 @@ def test_replay_and_junk_floods_keep_region_memory_flat(stack, tmp_path, topic_p
             dev.publish(e)
 
     out = run_attack(stack, tmp_path, topic_prefix, attack, deadline_s=600,
-                     extra_global=["--chunk-bytes", "70000"])
+                     extra_global=["--codec.chunk-bytes", "70000"])
 
     # every copy answered, none stored: duplicates (acked at once) or refused by reason
     assert measured["answered"] >= 10_300, measured

@@ -4,44 +4,58 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from compose.federation import Federation
 from compose.localstack import free_port
-from edge_agent.train import LocalTrainConfig
 from global_aggregator.consumer import VerifiedModel, model_versions
 from global_aggregator.keygen import fleet, write_keys
-from global_aggregator.simulation import SimConfig
+from global_aggregator.simulation import SimResult, project_config, project_setup, simulate
+from schemas.project import load_project
 from schemas.signing import TrustStore
+from tests.conftest import MANAGED_BROKER_LIMIT
 
 SEED = 7
-LOCAL = LocalTrainConfig(optimizer="momentum", lr=0.05, epochs=1, batch_size=16)
-TRAIN_ARGS = ["--local-optimizer", LOCAL.optimizer, "--local-lr", str(LOCAL.lr),
-              "--local-epochs", str(LOCAL.epochs), "--batch-size", str(LOCAL.batch_size),
-              "--clip-l2", "2.0", "--clip-coord", "0.1", "--seed", str(SEED)]
-
-
-def sim_config(agents: int = 6, regions: int = 2, rounds: int = 3) -> SimConfig:
-    """The in-process simulation that a federation made by :func:`make_federation` must match."""
-    return SimConfig(num_agents=agents, num_regions=regions, rounds=rounds, seed=SEED, alpha=0.5,
-                     encrypted=True, clip_l2=2.0, clip_coord=0.1, local=LOCAL,
-                     federated_eval=False)
+DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
 
 
 def make_federation(mqtt, kafka, tmp_path, namespace, *, agents=6, regions=2, rounds=3,
-                    deadline_s=120.0, extra_global=(), extra_regional=()) -> Federation:
+                    deadline_s=120.0, extra_global=(), extra_regional=(),
+                    devices: dict[str, list[str]] | None = None,
+                    project: Path = DIGITS) -> Federation:
+    """A federation of the digits example project: per-device .npz files written to
+    ``tmp_path/data`` (each device is told its own file with ``--data path=...``), keys for
+    ``devices`` (region -> ids; default agent-000...), the project's own settings but for
+    rounds, deadline and seed."""
+    devices = devices if devices is not None else fleet(agents, regions)
+    p = load_project(project)
+    from digits_fl.data import make_data  # the project's package, importable once loaded
+
+    data_dir = tmp_path / "data"
+    make_data([d for ids in devices.values() for d in ids], data_dir, seed=SEED, alpha=0.5)
     keys = tmp_path / "keys"
-    write_keys(keys, agents, regions)
+    write_keys(keys, devices=devices)
     return Federation(
-        mqtt=mqtt, kafka=kafka, keys_dir=keys, fleet=fleet(agents, regions),
+        mqtt=mqtt, kafka=kafka, keys_dir=keys, fleet=devices, project=p.root,
+        data={"path": str(data_dir / "{device_id}.npz")},
         workdir=tmp_path / "logs", namespace=namespace,
         global_args=["--rounds", str(rounds), "--deadline-s", str(deadline_s), "--grace-s", "2",
-                     *TRAIN_ARGS, *extra_global],
-        regional_args=list(extra_regional),
-        edge_args=["--alpha", "0.5", "--data-seed", str(SEED)],
+                     "--seed", str(SEED), *extra_global],
+        regional_args=["--max-message-bytes", str(MANAGED_BROKER_LIMIT), *extra_regional],
     )
+
+
+def simulate_federation(fed: Federation, rounds: int, **changes) -> SimResult:
+    """The in-process simulation of ``fed``: the same project, fleet, device data and settings
+    (the project's, with the rounds and seed the federation's global was given)."""
+    project = load_project(fed.project)
+    cfg = replace(project_config(project, fed.fleet), rounds=rounds, seed=SEED,
+                  federated_eval=False, **changes)
+    return simulate(cfg, setup=project_setup(project, fed.fleet, fed.data))
 
 
 def with_metrics(fed: Federation, name: str) -> int:

@@ -13,10 +13,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from global_aggregator.simulation import simulate
 from schemas import fedstream_pb2 as pb
 from schemas.topics import Topics
-from tests.e2e.helpers import make_federation, sim_config, watch
+from tests.e2e.helpers import make_federation, simulate_federation, watch
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -46,8 +45,12 @@ async def independent_read(bootstrap: str, topic: str, trust_json: dict, n: int)
 
 def test_pipeline_matches_simulation_bit_for_bit(stack, tmp_path, topic_prefix):
     # Prepare
-    fed = make_federation(stack.mqtt, stack.kafka_bootstrap, tmp_path, topic_prefix)
-    sim = simulate(sim_config())
+    # the fleet's own ids (serial numbers): nothing derives data or behaviour from the spelling
+    devices = {"region-0": ["SN-00A7.x", "SN-0B3F.x", "zz-last"], "region-1": ["00-first",
+                                                                           "SN-1C22.y", "m_9"]}
+    fed = make_federation(stack.mqtt, stack.kafka_bootstrap, tmp_path, topic_prefix,
+                          devices=devices)
+    sim = simulate_federation(fed, rounds=3)
     # Execute
     try:
         fed.start_all()

@@ -10,13 +10,20 @@ import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from global_aggregator.simulation import simulate
 from schemas import fedstream_pb2 as pb
-from schemas.codec import Codec, CodecParams
+from schemas.codec import Codec
 from schemas.he import HEContext, generate_keys
 from schemas.signing import header, load_private_key, seal
+from schemas.task import codec_params
 from schemas.topics import Topics
-from tests.e2e.helpers import make_federation, rejected, scrape, sim_config, watch, with_metrics
+from tests.e2e.helpers import (
+    make_federation,
+    rejected,
+    scrape,
+    simulate_federation,
+    watch,
+    with_metrics,
+)
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -28,7 +35,7 @@ def _attack(fed, v) -> None:
     victim = fed.fleet[region][0]
     key = load_private_key(fed.keys_dir / "identities" / f"{victim}.pem")
     public = HEContext.from_bytes((fed.keys_dir / "he" / "public.ctx").read_bytes())
-    params = CodecParams(clip_l2=2.0, clip_coord=0.1)
+    params = codec_params(task.codec)  # the round's own codec (chunks fit the broker's cap)
     delta = np.full(v.params.size, 0.05, np.float32)
     good_payloads = Codec(params, v.params.size, public).encode(delta, 50, seed=1)
     _, other_public = generate_keys()
@@ -66,7 +73,7 @@ def test_forged_updates_are_rejected_and_the_round_is_untouched(stack, tmp_path,
     # Prepare: the real federation, plus a metrics port on region-0's aggregator
     fed = make_federation(stack.mqtt, stack.kafka_bootstrap, tmp_path, topic_prefix, rounds=2)
     port = with_metrics(fed, "region-0")
-    sim = simulate(sim_config(rounds=2))
+    sim = simulate_federation(fed, rounds=2)
     attacked = []
 
     def on_version(v):

@@ -14,8 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from global_aggregator.simulation import simulate
-from tests.e2e.helpers import make_federation, scrape, sim_config, watch, with_metrics
+from tests.e2e.helpers import make_federation, scrape, simulate_federation, watch, with_metrics
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -24,8 +23,10 @@ REGIONS = ("region-0", "region-1")
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return simulate(sim_config(rounds=ROUNDS))
+def reference(tmp_path_factory):
+    # the data and keys depend only on the fleet and the seed: any copy simulates every test's
+    fed = make_federation({}, "", tmp_path_factory.mktemp("reference"), "reference")
+    return simulate_federation(fed, rounds=ROUNDS)
 
 
 def accepted(port: int, service: str, kind: str) -> float:

@@ -151,10 +151,11 @@ def test_mqtt_qos1_round_trip_each_region(stack, topic_prefix, region):
 
 
 @pytest.mark.network
-def test_mqtt_large_packet_allowed(stack, topic_prefix):
+def test_mqtt_large_packet_allowed(stack_factory, topic_prefix):
     """Update chunks are ~1 MB and a retained 1M-parameter model version is ~4 MB (8 MB with
-    Adam's state): the listener accepts 8 MB payloads."""
-    host, port = stack.mqtt["region-0"]
+    Adam's state): the listener accepts 8 MB payloads (a stack without a managed broker's cap)."""
+    own = stack_factory(regions=("region-0",), kafka=False)
+    host, port = own.mqtt["region-0"]
     topic = f"fedstream/region-0/updates/{topic_prefix}"
     sub = Sub(host, port, f"big-{topic_prefix}", clean=True, ack=True).connect(subscribe=topic)
     try:
@@ -167,9 +168,31 @@ def test_mqtt_large_packet_allowed(stack, topic_prefix):
 
 
 @pytest.mark.network
-def test_mqtt_manual_ack_redelivered_after_reconnect(stack, topic_prefix):
+def test_managed_broker_cap_drops_larger_messages(stack, topic_prefix):
+    """The shared stack runs capped like AWS IoT Core (128 KB): a larger message never reaches
+    a subscriber, a smaller one does (why chunk_bytes is a federation setting)."""
+    from tests.conftest import MANAGED_BROKER_LIMIT
+
+    host, port = stack.mqtt["region-0"]
+    topic = f"fedstream/region-0/updates/{topic_prefix}"
+    sub = Sub(host, port, f"cap-{topic_prefix}", clean=True, ack=True).connect(subscribe=topic)
+    try:
+        time.sleep(0.1)
+        publish_all(host, port, topic, 1, size=MANAGED_BROKER_LIMIT + 1024)
+        small = publish_all(host, port, topic, 1, size=MANAGED_BROKER_LIMIT - 4096)
+        got = sub.wait_for(1, 10)
+        time.sleep(0.5)
+        assert [m.payload for m in sub.msgs] == small
+        assert len(got) == 1
+    finally:
+        sub.close()
+
+
+@pytest.mark.network
+def test_mqtt_manual_ack_redelivered_after_reconnect(stack_factory, topic_prefix):
     """Unacked QoS1 messages of a persistent session come back, all of them, with dup=1."""
-    host, port = stack.mqtt["region-1"]
+    own = stack_factory(regions=("region-1",), kafka=False)  # 300 KB messages: no cap
+    host, port = own.mqtt["region-1"]
     topic = f"fedstream/region-1/updates/{topic_prefix}"
     cid = f"regional-{topic_prefix}"
 
@@ -514,12 +537,12 @@ def test_compose_file_consistent():
     ports = [str(p).split(":")[-1] for p in services["mosquitto"]["ports"]]
     for r in regionals:
         env = services[r]["environment"]
-        region = env["REGION"]
+        region = env["FEDSTREAM_REGION"]
         url = env["MQTT_URL"]
         port = int(url.rsplit(":", 1)[1])
         assert url.startswith("mqtts://mosquitto:"), url
         assert port in listeners, (r, port, listeners)
-        assert env["KAFKA_BOOTSTRAP"].split(":")[0] == "kafka"
+        assert env["FEDSTREAM_KAFKA"].split(":")[0] == "kafka"
         assert region.rsplit("-", 1)[1] == r.rsplit("-", 1)[1], (r, region)
         deps = services[r]["depends_on"]
         assert "mosquitto" in deps and "kafka" in deps
@@ -539,5 +562,5 @@ def test_compose_file_consistent():
     for region, agents in fleet(12, 3).items():
         for a in agents:
             env = services[f"edge-{a}"]["environment"]
-            assert env["REGION"] == region and env["MQTT_USERNAME"] == env["AGENT_ID"] == a
-            assert env["MQTT_ADDR"] == services[f"regional-aggregator-{region[-1]}"]["environment"]["MQTT_ADDR"]
+            assert env["FEDSTREAM_REGION"] == region and env["FEDSTREAM_MQTT_USERNAME"] == env["FEDSTREAM_DEVICE_ID"] == a
+            assert env["FEDSTREAM_MQTT"] == services[f"regional-aggregator-{region[-1]}"]["environment"]["FEDSTREAM_MQTT"]

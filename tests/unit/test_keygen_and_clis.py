@@ -44,14 +44,18 @@ def test_keygen_gives_secret_only_to_the_global_tier(tmp_path):
 @pytest.mark.parametrize(
     ("module", "must_mention"),
     [
-        ("edge_agent.cli", ["--agent-id", "--mqtt", "MQTT_ADDR", "--keys"]),
-        ("regional_aggregator.cli", ["--region", "--kafka", "--min-agents-per-partial"]),
-        ("global_aggregator.cli", ["ROUNDS", "MIN_PARTICIPANTS", "AGGREGATION_STRATEGY",
-                                   "ROUND_DEADLINE_S"]),
-        ("global_aggregator.keygen", ["--agents", "--regions"]),
+        ("edge_agent.cli", ["--device-id", "--mqtt", "--keys", "--project", "--data",
+                            "FEDSTREAM_"]),
+        ("regional_aggregator.cli", ["--region", "--kafka", "--min-agents-per-partial",
+                                     "FEDSTREAM_"]),
+        ("global_aggregator.cli", ["--rounds", "--min-participants", "--strategy",
+                                   "--deadline-s", "--codec.chunk-bytes", "--train.lr",
+                                   "--project", "FEDSTREAM_"]),
+        ("global_aggregator.keygen", ["--agents", "--regions", "--project", "--fleet"]),
         ("global_aggregator.consumer", ["--follow", "--trust"]),
-        ("global_aggregator.simulation_cli", ["--rounds"]),
-        ("global_aggregator.demo", ["--rounds"]),
+        ("global_aggregator.simulation_cli", ["--rounds", "--project"]),
+        ("global_aggregator.demo", ["--rounds", "--project"]),
+        ("global_aggregator.scaffold", ["NAME"]),
     ],
 )
 def test_every_command_has_help(module, must_mention):
@@ -64,11 +68,46 @@ def test_every_command_has_help(module, must_mention):
 
 def test_nonsense_settings_are_refused_at_the_entry_point():
     out = subprocess.run([sys.executable, "-m", "global_aggregator.cli", "--kafka", "x:1",
-                          "--keys", "/nonexistent", "--rounds", "0"], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 2  # argparse's usage error, not a traceback
-    assert "error: rounds must be at least 1" in out.stderr
+                          "--keys", "/nonexistent", "--project", "examples/digits",
+                          "--rounds", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2  # a usage error, not a traceback
+    assert "error: invalid settings" in out.stderr and "rounds:" in out.stderr
     assert "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "edge_agent.cli", "--device-id", "bad/id",
+                          "--mqtt", "h:1", "--keys", "k", "--project", "p"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "device_id" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_settings_precedence_flags_then_environment_then_project_then_defaults(tmp_path,
+                                                                             monkeypatch):
+    """One typed model: the project's table sets rounds and bits, the environment overrides
+    bits, a flag overrides rounds, and what nobody set is the one default."""
+    from global_aggregator.service import GlobalSettings
+    from schemas.cli import parse_settings
+    from schemas.settings import FederationSettings
+
+    (tmp_path / "fedstream.toml").write_text(
+        'name = "p"\nmodel = "edge_agent.models:mlp"\ninput_shape = [4]\n'
+        "[federation]\nrounds = 7\nseed = 3\n[federation.codec]\nbits = 6\n")
+    monkeypatch.setenv("FEDSTREAM_CODEC__BITS", "5")
+    s = parse_settings(GlobalSettings, ["--kafka", "k:1", "--keys", "k", "--project",
+                                        str(tmp_path), "--rounds", "9"])
+    assert (s.rounds, s.seed, s.codec.bits) == (9, 3, 5)
+    assert s.codec.clip_l2 == FederationSettings().codec.clip_l2 == CodecParams().clip_l2
+    assert s.train == FederationSettings().train
+
+
+def test_simulation_and_services_start_from_the_same_defaults():
+    from edge_agent.train import LocalTrainConfig
+    from global_aggregator.simulation import SimConfig
+    from schemas.settings import FederationSettings
+
+    fed, sim = FederationSettings(), SimConfig()
+    assert sim.local == LocalTrainConfig(**fed.train.model_dump())
+    assert sim.codec_params() == fed.codec.params() == CodecParams()
+    assert (sim.rounds, sim.strategy, sim.min_group, sim.seed) == (
+        fed.rounds, fed.strategy, fed.min_group, fed.seed)
 
 
 def test_secret_context_can_live_off_the_shared_key_volume(tmp_path):

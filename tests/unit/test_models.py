@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from edge_agent.data import (
+from edge_agent.models import MODELS, apply, init_params, make_spec, model_spec
+from global_aggregator.datasets import (
     TASKS,
     TELEMETRY_CLASSES,
     agent_dataset,
@@ -15,8 +16,7 @@ from edge_agent.data import (
     load_telemetry_split,
     server_test_set,
 )
-from edge_agent.models import MODELS, apply, init_params, make_spec
-from edge_agent.partition import assign_regions, partition_indices
+from global_aggregator.partition import assign_regions, partition_indices
 
 
 @pytest.mark.parametrize(("name", "shape", "classes"), [("digits_cnn", (8, 8, 1), 10), ("mlp", 12, 4)])
@@ -45,7 +45,7 @@ def test_spec_rebuilds_from_name_and_shapes_alone():
     flat, spec = init_params("mlp", 12, 4, seed=1)
     x = np.random.default_rng(0).normal(size=(3, 12)).astype(np.float32)
 
-    rebuilt = make_spec(spec.model_name, list(spec.input_shape), spec.num_classes)
+    rebuilt = model_spec(spec.factory, list(spec.input_shape), dict(spec.options))
 
     assert rebuilt == spec and hash(rebuilt) == hash(spec)
     assert np.array_equal(apply(rebuilt, flat, x), apply(spec, flat, x))
@@ -120,3 +120,44 @@ def test_telemetry_has_all_fault_classes_and_device_drift():
     normal0 = x[(dev == 0) & (y == 0), 0]
     normal1 = x[(dev == 1) & (y == 0), 0]
     assert abs(normal0.mean() - normal1.mean()) > 0.1  # device-specific baselines differ
+
+
+def test_model_hash_is_the_computation_not_the_spelling(tmp_path):
+    """Three installs of a project module ``fedmodel``: one with an edited comment, one with
+    another activation (same parameter shapes). Each hash is computed in a fresh process (no code
+    crosses the wire: the hash is how a device proves it runs the federation's model)."""
+    import subprocess
+    import sys
+
+    hashes = {}
+    for name, act in (("relu", "relu"), ("relu_commented", "relu"), ("gelu", "gelu")):
+        d = tmp_path / name
+        d.mkdir()
+        comment = "# an edited comment\n" if "commented" in name else ""
+        (d / "fedmodel.py").write_text(
+            f"{comment}from flax import nnx\n\n"
+            "class M(nnx.Module):\n"
+            "    def __init__(self, rngs):\n"
+            "        self.a = nnx.Linear(4, 8, rngs=rngs)\n"
+            "        self.b = nnx.Linear(8, 2, rngs=rngs)\n"
+            f"    def __call__(self, x):\n        return self.b(nnx.{act}(self.a(x)))\n\n"
+            "def make(*, rngs):\n    return M(rngs)\n")
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from edge_agent.models import "
+                "model_hash, model_spec; print(model_hash(model_spec('fedmodel:make', (4,))), "
+                "model_hash(model_spec('fedmodel:make', (4,), loss='mse')))")
+        hashes[name] = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True,
+                                      text=True, check=True).stdout.split()
+    assert hashes["relu"] == hashes["relu_commented"]
+    assert hashes["relu"][0] != hashes["gelu"][0]
+    assert hashes["relu"][0] != hashes["relu"][1]  # another loss is another federation
+
+
+def test_a_factory_that_is_not_a_model_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "notmodel.py").write_text("def make(*, rngs):\n    return 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="not a flax.nnx.Module"):
+        model_spec("notmodel:make", (4,))
+    with pytest.raises(ValueError, match="cannot import"):
+        model_spec("notmodel:missing", (4,))
+    with pytest.raises(ValueError, match="package.module:attribute"):
+        model_spec("notmodel", (4,))

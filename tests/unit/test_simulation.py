@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from edge_agent.train import LocalTrainConfig
-from global_aggregator.simulation import SimConfig, rounds_to_reach, sample_round, simulate
+from global_aggregator.simulation import (
+    BENCH_DIGITS,
+    SimConfig,
+    rounds_to_reach,
+    sample_round,
+    simulate,
+)
 
 SMALL = SimConfig(
     task="telemetry", num_agents=8, num_regions=2, rounds=3, partition="dirichlet", alpha=0.5,
@@ -63,8 +69,7 @@ def test_client_sampling_and_dropout_are_seeded():
 @pytest.mark.slow
 def test_encrypted_8bit_matches_plaintext_float32_on_non_iid_digits():
     # Digits, Dirichlet(0.5) label skew, 20 agents in 4 regions: the bench's configuration.
-    cfg = SimConfig(task="digits", num_agents=20, num_regions=4, partition="dirichlet", alpha=0.5,
-                    seed=0, federated_eval=False)
+    cfg = SimConfig(**BENCH_DIGITS, seed=0, federated_eval=False)
     reference = simulate(dataclasses.replace(cfg, float_mode=True, encrypted=False))
     encrypted = simulate(dataclasses.replace(cfg, encrypted=True, bits=8))
 

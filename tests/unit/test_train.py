@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from edge_agent.data import agent_dataset
 from edge_agent.models import apply, init_params
 from edge_agent.train import LocalTrainConfig, evaluate, local_seed, train_local
+from global_aggregator.datasets import agent_dataset
 from global_aggregator.simulation import SimConfig, initial_model, simulate
 
 

@@ -11,7 +11,7 @@ Tasks:
   with statistics of the training pool.
 
 The server's held-out test set (:func:`server_test_set`) is the task's test split. The training
-pool is partitioned across agents (:mod:`edge_agent.partition`); every agent holds back 20 % of its
+pool is partitioned across agents (:mod:`global_aggregator.partition`); every agent holds back 20 % of its
 shard as its local test set for federated evaluation. :func:`agent_dataset` recomputes a single
 agent's shard deterministically, so an agent process loads only its own data.
 """
@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from edge_agent.partition import partition_indices
+from global_aggregator.partition import partition_indices
 
 TELEMETRY_CLASSES = ("normal", "overheating", "vibration", "sensor_drift")
 TELEMETRY_SENSORS = ("temperature", "vibration", "current", "pressure", "humidity", "rpm")
@@ -132,20 +132,23 @@ def server_test_set(task_name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=8)
 def _shards(
-    task_name: str, num_agents: int, partition: str, alpha: float, seed: int
+    task_name: str, num_agents: int, partition: str, alpha: float, seed: int, split_seed: int
 ) -> tuple[np.ndarray, ...]:
-    _, y, _, _ = _split(task_name, seed)
+    _, y, _, _ = _split(task_name, split_seed)
     return tuple(partition_indices(y, num_agents, partition, alpha, seed))
 
 
 def agent_dataset(
-    task_name: str, agent_index: int, num_agents: int, partition: str, alpha: float, seed: int
+    task_name: str, agent_index: int, num_agents: int, partition: str, alpha: float, seed: int,
+    split_seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One agent's shard as ``(x_train, y_train, x_test, y_test)``; deterministic in the args."""
+    """One agent's shard as ``(x_train, y_train, x_test, y_test)``; deterministic in the args.
+    ``split_seed`` (default ``seed``) picks the server's held-out split, ``seed`` the rest."""
     if not 0 <= agent_index < num_agents:
         raise ValueError(f"agent_index {agent_index} out of range for {num_agents} agents")
-    x, y, _, _ = _split(task_name, seed)
-    idx = _shards(task_name, num_agents, partition, float(alpha), seed)[agent_index]
+    split_seed = seed if split_seed is None else split_seed
+    x, y, _, _ = _split(task_name, split_seed)
+    idx = _shards(task_name, num_agents, partition, float(alpha), seed, split_seed)[agent_index]
     perm = np.random.default_rng([seed, agent_index]).permutation(idx)
     n_test = max(1, int(round(LOCAL_TEST_FRACTION * len(perm))))
     te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])

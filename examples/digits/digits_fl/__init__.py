@@ -1,0 +1,1 @@
+"""The digits example project (see ../README.md)."""

@@ -1,0 +1,89 @@
+"""The federation's settings: one typed model, read from the project's table, the environment and
+the command line, with every default written once, here.
+
+:class:`FederationSettings` is what ``[tool.fedstream.federation]`` of a project holds: rounds,
+strategy, sampling, deadlines, the codec (:class:`CodecSettings`) and local training
+(:class:`TrainSettings`). The global aggregator's settings extend it (so ``--rounds`` or
+``FEDSTREAM_ROUNDS`` override the project's ``rounds``), and ``fedstream-simulate`` builds its
+:class:`~global_aggregator.simulation.SimConfig` from the same model, so a simulation and a
+deployment of one project start from the same numbers.
+
+Precedence, highest first: command-line flags, ``FEDSTREAM_*`` environment variables (nested
+fields with ``__``: ``FEDSTREAM_CODEC__BITS=6``), the project's table, the defaults below.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.plan import CodecParams
+
+_C = CodecParams  # the codec's defaults live on its own parameters
+
+#: Server optimizers (global_aggregator.strategies.STRATEGIES has one factory per name).
+Strategy = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+LocalOptimizer = Literal["sgd", "momentum", "adam"]
+
+
+class CodecSettings(BaseModel):
+    """How updates are clipped, quantized, packed and chunked (they travel in the round task)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: int = Field(_C.bits, ge=2, le=16, description="quantization bits per value")
+    clip_l2: float = Field(_C.clip_l2, gt=0, description="L2 clip of a device's delta")
+    clip_coord: float = Field(_C.clip_coord, gt=0, description="per-coordinate clip (quantization range)")
+    max_summands: int = Field(_C.max_summands, ge=1, description="largest number of updates one sum may hold")
+    weight_cap: int = Field(_C.weight_cap, ge=1, description="cap of a device's sample-count weight")
+    chunk_bytes: int = Field(
+        _C.chunk_bytes, ge=4096, le=1 << 30,
+        description="target bytes of one update chunk, i.e. one MQTT message; below the "
+        "broker's limit (AWS IoT Core: 128 KB, Azure IoT Hub: 256 KB)",
+    )
+    encrypted: bool = Field(_C.encrypted, description="CKKS-encrypt updates (off: trusted deployments)")
+
+    def params(self) -> CodecParams:
+        return CodecParams(**self.model_dump())
+
+
+class TrainSettings(BaseModel):
+    """A device's local training in each round (travels in the round task)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    optimizer: LocalOptimizer = Field("sgd", description="local optimizer")
+    lr: float = Field(0.1, gt=0, description="local learning rate")
+    epochs: int = Field(2, ge=1, description="local epochs per round")
+    batch_size: int = Field(16, ge=0, description="local minibatch size (0: full batch)")
+    prox_mu: float = Field(0.0, ge=0, description="FedProx proximal coefficient")
+
+
+class FederationSettings(BaseModel):
+    """Everything about how a federation runs that is not a deployment detail."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rounds: int = Field(15, ge=1, description="rounds to run")
+    strategy: Strategy = Field("fedavg", description="server optimizer")
+    server_lr: float | None = Field(
+        None, gt=0, description="server learning rate (default: the strategy's own)")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm momentum")
+    b1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi first-moment decay")
+    b2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi second-moment decay")
+    tau: float = Field(1e-3, gt=0, description="adaptivity of fedadam/fedyogi/fedadagrad")
+    seed: int = Field(0, ge=0, description="federation seed (init, sampling, rounding)")
+    clients_per_round: float = Field(
+        1.0, gt=0, le=1, description="fraction of devices sampled each round")
+    min_participants: int = Field(
+        1, ge=1, description="devices a round needs before the model may change")
+    deadline_s: float = Field(60.0, gt=0, description="seconds devices have per round")
+    grace_s: float = Field(15.0, ge=0, description="extra seconds to wait for regions")
+    min_group: int = Field(
+        2, ge=1, description="privacy floor k: no sum of fewer devices is ever decrypted "
+        "(regions sum devices in groups of at least k)")
+    quarantine_after: int = Field(
+        3, ge=1, description="quarantine a device after this many failed rounds in a row")
+    codec: CodecSettings = CodecSettings()
+    train: TrainSettings = TrainSettings()
