@@ -12,7 +12,8 @@ What it trains is the federation's project (``--project``, docs/projects.md), in
 device: the project's model on the data its loader returns for this device (``--data``), read
 again every round. A round task for another project, model definition or codec plan is refused
 (``task_mismatch``); unusable local data sits the round out (``data_error``); both are one log
-line and a counter, and the device carries on.
+line and a counter, a signed decline to the region (so the round need not wait for this device's
+deadline), and the device carries on.
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ class EdgeAgent:
             chunks = await asyncio.to_thread(self.build_update, mv)
         except InvalidMessage as exc:  # data_error: sit this round out, say so once
             reject(SERVICE, exc, f"round {task.round} on {self.s.agent_id}")
+            self._decline(mv, exc.reason)
             return
         except ValueError as exc:
             log.error("%s: round %d failed locally: %s", self.s.agent_id, task.round, exc)
@@ -219,11 +221,25 @@ class EdgeAgent:
             raise InvalidMessage(Reason.TASK_MISMATCH, f"round {task.round}: {exc}") from exc
         if task.task_name != self.project.name or task.project_hash != mine:
             self.done_round = task.round  # one refusal (and one log line) per round
+            self._decline(mv, Reason.TASK_MISMATCH)
             raise InvalidMessage(Reason.TASK_MISMATCH, (
                 f"round {task.round} is for project {task.task_name!r} {task.project_version} "
                 f"(task hash {task.project_hash[:12]}, {mv.num_params} parameters); this device "
                 f"runs {self.project.name!r} {self.project.version} (task hash {mine[:12]}, "
                 f"{self.spec.num_params} parameters): install the federation's project"))
+
+    def _decline(self, mv: pb.ModelVersion, reason: str) -> None:
+        """Tell the region this device sits the round out (if it was asked), so that the round
+        need not wait for its deadline. Best effort: if it is lost, the deadline still ends it."""
+        task = mv.next_task
+        if task.selected_agents and self.s.agent_id not in task.selected_agents:
+            return
+        topic = self.t.update(self.region, self.s.agent_id)
+        up = pb.UpdateChunk(header=header(self.s.agent_id, task.round, mv.header.model_version,
+                                          task.he_fingerprint, 0, 0),
+                            agent_id=self.s.agent_id, region=self.region, declined=str(reason))
+        self.mqtt.publish(topic, seal(pb.UPDATE_CHUNK, up, self.s.agent_id,
+                                      self.keys.private_key, topic=topic))
 
     def _on_receipt(self, raw: bytes) -> None:
         rc = open_envelope(raw, pb.RECEIPT, self.keys.trust, max_bytes=1 << 20,

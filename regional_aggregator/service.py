@@ -281,6 +281,10 @@ class RegionalAggregator:
             return
         r = self.round
         assert r is not None
+        if up.declined:
+            self._on_decline(r, up)
+            self.mqtt.ack(msg)
+            return
         if r.flushing or r.flushed or r.summer.is_duplicate(up.agent_id, up.header.chunk_index):
             # a duplicate: the original is summed (and acked after the commit, or redelivered
             # after a crash), so this copy is acked at once and never stored
@@ -305,6 +309,24 @@ class RegionalAggregator:
             r.eval.loss_sum += up.eval.loss_sum
             r.eval.accuracy_sum += up.eval.accuracy_sum
             r.eval.count += up.eval.count
+        if set(r.summer.agents) >= r.expected:
+            self._round_changed.set()
+
+    def _on_decline(self, r: _Round, up: pb.UpdateChunk) -> None:
+        """A device sits the round out (its own data or project): stop waiting for it. Only
+        before it sent anything: a device cannot take back chunks already summed."""
+        agent = up.agent_id
+        if up.payload or up.header.chunk_count != 0:
+            raise_bad = InvalidMessage(Reason.MALFORMED, f"{agent}: a decline carries no payload")
+            reject(SERVICE, raise_bad, f"decline from {agent}")
+            return
+        if agent in r.summer.agents or agent not in r.expected:
+            DUPLICATES.labels(SERVICE).inc()
+            return
+        r.expected.discard(agent)
+        ACCEPTED.labels(SERVICE, "decline").inc()
+        log.info("%s: %s sits round %d out (%s)", self.s.region, agent, r.task.round,
+                 up.declined[:64])
         if set(r.summer.agents) >= r.expected:
             self._round_changed.set()
 

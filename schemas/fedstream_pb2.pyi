@@ -217,7 +217,7 @@ class EvalSums(_message.Message):
     def __init__(self, loss_sum: _Optional[float] = ..., accuracy_sum: _Optional[float] = ..., count: _Optional[float] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
-    __slots__ = ("header", "agent_id", "region", "payload", "eval", "weight", "project_version")
+    __slots__ = ("header", "agent_id", "region", "payload", "eval", "weight", "project_version", "declined")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,7 @@ class UpdateChunk(_message.Message):
     EVAL_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     PROJECT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
     header: Header
     agent_id: str
     region: str
@@ -232,7 +233,8 @@ class UpdateChunk(_message.Message):
     eval: EvalSums
     weight: int
     project_version: str
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_id: _Optional[str] = ..., region: _Optional[str] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ..., weight: _Optional[int] = ..., project_version: _Optional[str] = ...) -> None: ...
+    declined: str
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_id: _Optional[str] = ..., region: _Optional[str] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ..., weight: _Optional[int] = ..., project_version: _Optional[str] = ..., declined: _Optional[str] = ...) -> None: ...
 
 class PartialChunk(_message.Message):
     __slots__ = ("header", "region", "agents", "payload", "eval", "update_bytes", "group", "group_count", "weights")

@@ -107,3 +107,26 @@ def test_fuzz_hostile_versions_keep_the_skew_metric_bounded(updates):
     assert sum(series.values()) == len({a for a, _ in updates})
     for label in series:
         assert label == "invalid" or (len(label) <= 32 and label.isprintable())
+
+
+@settings(max_examples=300, deadline=None)
+@given(agent=st.sampled_from(["a0", "a1", "a2", "a3"]), payload=st.binary(max_size=8),
+       count=st.integers(0, 3), reason=st.text(max_size=100),
+       summed=st.sets(st.sampled_from(["a0", "a1", "a2", "a3"])),
+       expected=st.sets(st.sampled_from(["a0", "a1", "a2", "a3"])))
+def test_fuzz_a_decline_only_ever_stops_the_wait_for_its_own_unsent_device(
+        agent, payload, count, reason, summed, expected):
+    """A (possibly stolen) device's signed decline: the region stops waiting for that device
+    only if it sent nothing yet and is expected; anything else changes nothing; never raises."""
+    import asyncio
+
+    r = SimpleNamespace(expected=set(expected), summer=SimpleNamespace(agents=sorted(summed)),
+                        task=pb.RoundTask(round=1))
+    region = SimpleNamespace(s=SimpleNamespace(region="region-0"), _round_changed=asyncio.Event())
+    up = pb.UpdateChunk(header=pb.Header(chunk_count=count), agent_id=agent, payload=payload,
+                        declined=reason or "data_error")
+    before = set(r.expected)
+    RegionalAggregator._on_decline(region, r, up)  # type: ignore[arg-type]
+    honest = not payload and count == 0 and agent in before and agent not in summed
+    assert r.expected == (before - {agent} if honest else before)
+    assert region._round_changed.is_set() == (honest and set(summed) >= r.expected)
