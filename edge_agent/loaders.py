@@ -611,17 +611,26 @@ def _read_csv(file: Path, opts: _TableOptions,
         raise DataError(f"{file} is not a readable CSV file: {_describe(exc)}") from exc
 
 
-def load_csv(ctx: DeviceContext) -> LocalData:
-    """The ``csv`` loader: records of CSV files with a header row (options in the module doc)."""
+def _load_tables(
+    ctx: DeviceContext, suffix: str,
+    read: Callable[[Path, _TableOptions, list[str] | None], tuple[np.ndarray, list[str]]],
+) -> LocalData:
+    """Every ``suffix`` file of ``path`` read with ``read`` (the first file fixes the feature
+    columns of the rest), concatenated in name order and cut into samples."""
     opts = _TableOptions.parse(ctx.options)
-    files = _files(ctx, ".csv")
+    files = _files(ctx, suffix)
     tables = []
     features: list[str] | None = None
     for file in files:
-        table, features = _read_csv(file, opts, features)
+        table, features = read(file, opts, features)
         tables.append(table)
     where = files[0] if len(files) == 1 else files[0].parent
     return _samples(where, np.concatenate(tables), opts)
+
+
+def load_csv(ctx: DeviceContext) -> LocalData:
+    """The ``csv`` loader: records of CSV files with a header row (options in the module doc)."""
+    return _load_tables(ctx, ".csv", _read_csv)
 
 
 def _read_parquet(file: Path, opts: _TableOptions,
@@ -666,15 +675,7 @@ def load_parquet(ctx: DeviceContext) -> LocalData:
     except ImportError as exc:
         raise DataError("the parquet loader needs pyarrow: pip install fedstream[parquet]"
                         ) from exc
-    opts = _TableOptions.parse(ctx.options)
-    files = _files(ctx, ".parquet")
-    tables = []
-    features: list[str] | None = None
-    for file in files:
-        table, features = _read_parquet(file, opts, features)
-        tables.append(table)
-    where = files[0] if len(files) == 1 else files[0].parent
-    return _samples(where, np.concatenate(tables), opts)
+    return _load_tables(ctx, ".parquet", _read_parquet)
 
 
 # --------------------------------------------------------------------------- rolling

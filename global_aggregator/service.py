@@ -131,6 +131,10 @@ class GlobalAggregator:
         self.spec = project_spec(self.project)
         self.model_hash = model_hash(self.spec)
         self.codec_params = settings.codec.params()
+        # the round task's project hash: the model definition and the codec plan, fixed per run
+        plan = Codec(self.codec_params, self.spec.num_params,
+                     self.keys.he if self.codec_params.encrypted else None)
+        self.project_hash = task_hash(self.project.name, self.model_hash, plan.framer.digest)
         self.train = LocalTrainConfig(**settings.train.model_dump())
         self.opt = make_server_optimizer(settings.strategy, lr=settings.server_lr,
                                          momentum=settings.server_momentum, b1=settings.b1,
@@ -154,15 +158,13 @@ class GlobalAggregator:
     def _task(self, round_id: int, version: int, quarantined: list[str],
               suspects: list[str]) -> pb.RoundTask:
         selected = select_agents(self.agents, self.s.clients_per_round, self.s.seed, round_id)
-        codec = Codec(self.codec_params, self.spec.num_params,
-                      self.keys.he if self.codec_params.encrypted else None)
         return pb.RoundTask(
             round=round_id, model_version=version, codec=codec_spec(self.codec_params),
             train=train_spec(self.train), deadline_unix=time.time() + self.s.deadline_s,
             min_participants=self.s.min_participants, he_fingerprint=self.keys.he.fingerprint,
             seed=self.s.seed, selected_agents=selected if len(selected) < len(self.agents) else [],
             model_name=self.spec.factory, task_name=self.project.name,
-            project_hash=task_hash(self.project.name, self.model_hash, codec.framer.digest),
+            project_hash=self.project_hash,
             project_version=self.project.version,
             quarantined_agents=sorted(quarantined), min_group=self.s.min_group,
             suspected_agents=sorted(suspects),

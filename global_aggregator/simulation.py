@@ -30,7 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_agent.loaders import DeviceContext, load_device_data, resolve_loader
+from edge_agent.loaders import (
+    DeviceContext,
+    device_options,
+    load_device_data,
+    resolve_loader,
+)
 from edge_agent.models import ModelSpec, init_flat, init_params, project_spec, resolve
 from edge_agent.train import LocalTrainConfig, evaluate, local_seed, train_local
 from global_aggregator.combine import GlobalRound
@@ -152,8 +157,7 @@ class SimConfig:
             rounds=fed.rounds, seed=fed.seed, encrypted=c.encrypted, bits=c.bits,
             clip_l2=c.clip_l2, clip_coord=c.clip_coord, max_summands=c.max_summands,
             weight_cap=c.weight_cap, chunk_bytes=c.chunk_bytes,
-            local=LocalTrainConfig(optimizer=t.optimizer, lr=t.lr, epochs=t.epochs,
-                                   batch_size=t.batch_size, prox_mu=t.prox_mu),
+            local=LocalTrainConfig(**t.model_dump()),
             strategy=fed.strategy, server_lr=fed.server_lr, server_momentum=fed.server_momentum,
             b1=fed.b1, b2=fed.b2, tau=fed.tau, clients_per_round=fed.clients_per_round,
             min_group=fed.min_group, **sim)
@@ -194,8 +198,6 @@ def project_setup(project: Project, fleet: dict[str, list[str]] | None = None,
     """A project's simulation: every device's data from the project's own loader, called with
     that device's settings exactly as the edge agent calls it (``data_options`` are what each
     device passes with ``--data``; ``{device_id}`` is substituted)."""
-    from edge_agent.loaders import device_options
-
     fleet = fleet if fleet is not None else project.table.simulation.fleet()
     region_of = {d: r for r, ds in fleet.items() for d in ds}
     devices = sorted(region_of)

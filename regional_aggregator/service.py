@@ -22,6 +22,7 @@ import contextlib
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -317,8 +318,8 @@ class RegionalAggregator:
         before it sent anything: a device cannot take back chunks already summed."""
         agent = up.agent_id
         if up.payload or up.header.chunk_count != 0:
-            raise_bad = InvalidMessage(Reason.MALFORMED, f"{agent}: a decline carries no payload")
-            reject(SERVICE, raise_bad, f"decline from {agent}")
+            reject(SERVICE, InvalidMessage(Reason.MALFORMED, f"{agent}: a decline carries no "
+                                           "payload"), f"decline from {agent}")
             return
         if agent in r.summer.agents or agent not in r.expected:
             DUPLICATES.labels(SERVICE).inc()
@@ -336,9 +337,8 @@ class RegionalAggregator:
         v = up.project_version
         r.versions[up.agent_id] = v if VERSION.fullmatch(v) else "invalid"
         PROJECT_VERSIONS.clear()
-        for version in set(r.versions.values()):
-            PROJECT_VERSIONS.labels(r.task.task_name, version).set(
-                sum(1 for x in r.versions.values() if x == version))
+        for version, devices in Counter(r.versions.values()).items():
+            PROJECT_VERSIONS.labels(r.task.task_name, version).set(devices)
 
     # -- flush: Kafka commit, then acks and receipts -------------------------------------------
 
