@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compose.localstack import terminate_pid
-from schemas.kafka import ensure_topics
+from schemas.kafka import KafkaConn, ensure_topics
+from schemas.keyring import GLOBAL_ID, export_identity, kafka_tls, tls_files
 from schemas.topics import Topics
 
 
@@ -33,6 +34,11 @@ class Federation:
         data: loader settings every device passes with ``--data`` ("{device_id}" expands).
         namespace: topic namespace (unique per test).
         global_args / regional_args / edge_args: extra CLI flags for each kind of service.
+        admin: how to reach Kafka as its administrator (topics, ACLs); plaintext if None.
+        secure: run locked down (brokers with mutual TLS and ACLs, e.g. ``LocalStack(secure=
+            True)``): every service gets a key directory of its own holding only its own
+            secrets (:func:`schemas.keyring.export_identity`) and its TLS flags, and
+            :meth:`start_all` grants the federation's Kafka ACLs.
     """
 
     mqtt: dict[str, tuple[str, int]]
@@ -48,6 +54,8 @@ class Federation:
     edge_args: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     per_process_args: dict[str, list[str]] = field(default_factory=dict)
+    admin: KafkaConn | None = None
+    secure: bool = False
 
     @property
     def fleet_ids(self) -> list[str]:
@@ -57,22 +65,56 @@ class Federation:
     def num_agents(self) -> int:
         return sum(len(a) for a in self.fleet.values())
 
+    @property
+    def consumer(self) -> KafkaConn:
+        """How a streaming consumer of this federation's models reaches Kafka (in secure mode
+        as the ``consumer`` identity, which may read the model topic and nothing else)."""
+        return KafkaConn(self.kafka, kafka_tls(self.keys_dir, "consumer") if self.secure else None)
+
+    def keys_of(self, name: str) -> Path:
+        """The key directory ``name`` runs with: in secure mode its own (only its secrets)."""
+        if not self.secure:
+            return self.keys_dir
+        own = self.workdir / "keys" / name
+        if not own.exists():
+            export_identity(self.keys_dir, name, own)
+        return own
+
+    def _tls_args(self, name: str, region: str | None) -> list[str]:
+        """``name``'s TLS flags in secure mode: Kafka for the global and the regions, MQTT
+        (its region's CA) for the regions and the devices."""
+        if not self.secure:
+            return []
+        keys, args = self.keys_of(name), []
+        if region is None or name == region:
+            k = kafka_tls(keys, name)
+            args += ["--kafka-ca-file", str(k.ca), "--kafka-cert-file", str(k.cert),
+                     "--kafka-key-file", str(k.key)]
+        if region is not None:
+            m = tls_files(keys, name, "mqtt", region)
+            args += ["--mqtt-ca-file", str(m.ca), "--mqtt-cert-file", str(m.cert),
+                     "--mqtt-key-file", str(m.key)]
+        return args
+
     def _cmd(self, name: str) -> list[str]:
         py = [sys.executable, "-m"]
-        common = ["--namespace", self.namespace, "--keys", str(self.keys_dir)]
+        common = ["--namespace", self.namespace, "--keys", str(self.keys_of(name))]
         extra = self.per_process_args.get(name, [])
-        if name == "global":
+        if name == GLOBAL_ID:
             return [*py, "global_aggregator.cli", "--kafka", self.kafka, *common,
-                    "--project", str(self.project), *self.global_args, *extra]
+                    *self._tls_args(name, None), "--project", str(self.project),
+                    *self.global_args, *extra]
         if name in self.fleet:
             host, port = self.mqtt[name]
             return [*py, "regional_aggregator.cli", "--region", name, "--mqtt", f"{host}:{port}",
-                    "--kafka", self.kafka, *common, *self.regional_args, *extra]
+                    "--kafka", self.kafka, *common, *self._tls_args(name, name),
+                    *self.regional_args, *extra]
         region = next(r for r, agents in self.fleet.items() if name in agents)
         host, port = self.mqtt[region]
         data = [a for k, v in self.data.items() for a in ("--data", f"{k}={v}")]
         return [*py, "edge_agent.cli", "--device-id", name, "--mqtt", f"{host}:{port}", *common,
-                "--project", str(self.project), *data, *self.edge_args, *extra]
+                *self._tls_args(name, region), "--project", str(self.project), *data,
+                *self.edge_args, *extra]
 
     def start(self, name: str) -> subprocess.Popen:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +130,7 @@ class Federation:
     def start_all(self, skip: tuple[str, ...] = ()) -> None:
         """Topics, then regional aggregators, then the global, then the edge agents (all but
         ``skip``: a test may run a process of its own in their place)."""
-        asyncio.run(ensure_topics(self.kafka, Topics(self.namespace)))
+        self.prepare_kafka()
         for region in self.fleet:
             if region not in skip:
                 self.start(region)
@@ -97,6 +139,15 @@ class Federation:
             for agent in agents:
                 if agent not in skip:
                     self.start(agent)
+
+    def prepare_kafka(self) -> None:
+        """As Kafka's administrator: the federation's topics and, in secure mode, its ACLs."""
+        admin = self.admin or KafkaConn(self.kafka)
+        asyncio.run(ensure_topics(admin, Topics(self.namespace)))
+        if self.secure:
+            from compose.kafka_security import apply_acls, federation_acls
+
+            apply_acls(admin, federation_acls(self.namespace, list(self.fleet)))
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]

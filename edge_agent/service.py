@@ -105,6 +105,7 @@ class EdgeAgent:
         if settings.region not in (None, me.region):
             raise ValueError(f"{settings.device_id} belongs to {me.region}, not {settings.region}")
         self.region = me.region
+        self.mqtt_tls = settings.mqtt_tls(settings.device_id, "agent")
         self.project = load_project(settings.project)
         self.spec = project_spec(self.project)
         self.model_hash = model_hash(self.spec)
@@ -259,7 +260,7 @@ class EdgeAgent:
             subscriptions=[self.t.model(self.region), self.t.receipts(self.region)],
             loop=loop, persistent=False, on_connect=self._republish,
             username=self.s.mqtt_username, password=self.s.mqtt_password,
-            ca_file=self.s.mqtt_ca_file,
+            ca_file=self.s.mqtt_ca_file, tls=self.mqtt_tls,
         )
         self.mqtt.start()
         work: asyncio.Task | None = None

@@ -30,7 +30,13 @@ from aiokafka import TopicPartition
 
 from schemas import fedstream_pb2 as pb
 from schemas.errors import InvalidMessage
-from schemas.kafka import MAX_MESSAGE_BYTES, model_consumer
+from schemas.kafka import (
+    MAX_MESSAGE_BYTES,
+    KafkaConn,
+    add_kafka_args,
+    kafka_conn_from_args,
+    model_consumer,
+)
 from schemas.signing import TrustStore, open_model_version
 from schemas.telemetry import REJECTED
 from schemas.topics import Topics
@@ -68,7 +74,7 @@ def verify_model(raw: bytes, trust: TrustStore, offset: int = -1, *,
 
 
 async def model_versions(
-    bootstrap: str,
+    kafka: str | KafkaConn,
     trust: TrustStore,
     *,
     namespace: str = "fedstream",
@@ -87,7 +93,7 @@ async def model_versions(
         idle_timeout_s: with ``follow``, stop after this long without a new record.
     """
     topic = Topics(namespace).models
-    consumer = model_consumer(bootstrap)
+    consumer = model_consumer(kafka)
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)
@@ -129,8 +135,11 @@ def main(argv: list[str] | None = None) -> None:
         description="Print verified model versions from the Kafka model topic, one JSON line "
         "each (version, round, metrics, participants); unverifiable records are skipped.",
     )
-    ap.add_argument("--kafka", required=True, help="Kafka bootstrap servers")
+    add_kafka_args(ap)
     ap.add_argument("--trust", type=Path, required=True, help="trust.json from fedstream-keygen")
+    ap.add_argument("--identity", default="consumer",
+                    help="this consumer's identity (the CN of its Kafka certificate; with "
+                    "--kafka-tls its files are taken from the trust file's directory)")
     ap.add_argument("--namespace", default="fedstream", help="topic namespace")
     ap.add_argument("--model", default=None, help="only this model name")
     ap.add_argument("--follow", action="store_true", help="keep waiting for new versions")
@@ -138,9 +147,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="write each version's parameters to DIR/<model>-v<version>.npy")
     a = ap.parse_args(argv)
     trust = TrustStore.load(a.trust)
+    try:
+        conn = kafka_conn_from_args(a, a.trust.parent, a.identity)
+    except ValueError as exc:
+        ap.error(str(exc))
 
     async def run() -> None:
-        async for v in model_versions(a.kafka, trust, namespace=a.namespace, model_name=a.model,
+        async for v in model_versions(conn, trust, namespace=a.namespace, model_name=a.model,
                                       follow=a.follow):
             if a.save:
                 a.save.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,10 @@ aggregator and the devices as separate processes, follows the model topic as a s
 consumer would, shows one line per round, writes ``runs/demo/demo.png`` and stops everything it
 started. A project without a server-side evaluation set is judged by its devices' own test sets
 (the demo turns on ``--report-eval``).
+
+Locked down by default (``--insecure`` turns it off): the brokers speak only mutual TLS with
+certificates from the deployment's CAs, Mosquitto and Kafka enforce their ACLs, and every
+process runs with a key directory holding only its own secrets (docs/security.md).
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from compose.federation import Federation
 from compose.localstack import LocalStack
 from edge_agent.models import resolve
 from global_aggregator.consumer import model_versions
-from global_aggregator.keygen import write_keys
+from global_aggregator.keygen import CONSUMER_ID, write_keys
 from global_aggregator.plots import plot_rounds
+from schemas.kafka import KafkaConn
+from schemas.keyring import kafka_tls
+from schemas.pki import Pki
 from schemas.project import load_project
 from schemas.signing import TrustStore
 
@@ -45,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="the project to federate (default: examples/digits)")
     ap.add_argument("--rounds", type=int, default=None, help="default: the project's")
     ap.add_argument("--plaintext", action="store_true", help="no HE (trusted deployments)")
+    ap.add_argument("--insecure", action="store_true",
+                    help="open brokers: no TLS, no client certificates, no ACLs (default: "
+                    "locked down)")
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="logs, keys and plot")
     ap.add_argument("--seed", type=int, default=0, help="demo data seed")
     a = ap.parse_args(argv)
@@ -66,25 +76,36 @@ def main(argv: list[str] | None = None) -> None:
     if project.table.simulation.data:
         resolve(project.table.simulation.data, "demo data")(
             [d for ids in devices.values() for d in ids], project.root / "data", a.seed)
-    with console.status(f"starting Mosquitto x{len(regions)} and Kafka (KRaft) on loopback"):
-        stack = LocalStack(regions, workdir=a.out / "stack", mqtt_autosave_seconds=1)
+    keys = a.out / f"keys-{uuid.uuid4().hex[:6]}"
+    summary = write_keys(keys, devices=devices)
+    console.print(f"keys in {keys} (HE fingerprint {summary['he_fingerprint'][:16]}...)")
+    namespace = f"demo-{uuid.uuid4().hex[:6]}"
+    secure = not a.insecure
+    mode = "locked down: mutual TLS + ACLs" if secure else "OPEN: no TLS, no ACLs"
+    with console.status(f"starting Mosquitto x{len(regions)} and Kafka (KRaft) on loopback, "
+                        f"{mode}"):
+        # the brokers' certificates come from the deployment's own CAs (keys/ca)
+        stack = LocalStack(regions, workdir=a.out / "stack", mqtt_autosave_seconds=1,
+                           secure=secure, pki=Pki(keys / "ca", keys / "tls"),
+                           namespaces=[namespace])
         info = stack.start()
+    console.print(f"brokers up, {mode}")
     fed = None
     try:
-        keys = a.out / f"keys-{uuid.uuid4().hex[:6]}"
-        summary = write_keys(keys, devices=devices)
-        console.print(f"keys in {keys} (HE fingerprint {summary['he_fingerprint'][:16]}...)")
         assert info.kafka_bootstrap is not None  # the demo's stack always runs Kafka
         fed = Federation(
             mqtt=info.mqtt, kafka=info.kafka_bootstrap, keys_dir=keys,
             fleet=devices, workdir=a.out / "logs", project=project.root,
-            namespace=f"demo-{uuid.uuid4().hex[:6]}",
+            namespace=namespace, secure=secure,
+            admin=stack.kafka_conn,
             global_args=["--rounds", str(rounds), "--min-participants", "1",
                          *(["--no-codec.encrypted"] if a.plaintext else [])],
             edge_args=[] if project.table.server_eval else ["--report-eval"],
         )
         fed.start_all()
-        history = asyncio.run(_follow(fed, TrustStore.load(keys / "trust.json"), rounds, console))
+        consumer = KafkaConn(fed.kafka, kafka_tls(keys, CONSUMER_ID) if secure else None)
+        history = asyncio.run(_follow(fed, consumer, TrustStore.load(keys / "trust.json"),
+                                      rounds, console))
     finally:
         with console.status("stopping every process the demo started"):
             if fed is not None:
@@ -109,14 +130,15 @@ def accuracy(metrics: dict) -> float:
     return float(metrics.get("server_accuracy", metrics.get("federated_accuracy", float("nan"))))
 
 
-async def _follow(fed: Federation, trust: TrustStore, rounds: int, console: Console) -> list[dict]:
+async def _follow(fed: Federation, consumer: KafkaConn, trust: TrustStore, rounds: int,
+                  console: Console) -> list[dict]:
     history: list[dict] = []
     columns = [TextColumn("[bold]round"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}")]
     t0 = time.time()
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("waiting for model v0", total=rounds)
-        async for v in model_versions(fed.kafka, trust, namespace=fed.namespace,
+        async for v in model_versions(consumer, trust, namespace=fed.namespace,
                                       idle_timeout_s=600):
             if v.version == 0:
                 progress.update(bar, description="v0 published; agents training round 1")

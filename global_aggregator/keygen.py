@@ -2,7 +2,10 @@
 
 Writes the key directory described in :mod:`schemas.keyring`: the public HE context (no secret
 key) for edge agents and regional aggregators, the secret context for the global aggregator only,
-and one Ed25519 keypair per identity with a ``trust.json`` of their public keys.
+one Ed25519 keypair per identity with a ``trust.json`` of their public keys, and the TLS side:
+the CAs (one for Kafka, one per region, :mod:`schemas.pki`) and a certificate per identity and
+broker connection. With ``--ca-dir`` the CAs of an existing deployment (or of the local stack)
+issue the certificates instead of new ones.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.he import fingerprint, generate_keys
 from schemas.keyring import GLOBAL_ID, OPERATOR_ID
+from schemas.pki import KAFKA_CA, Pki, ca_file_name
 from schemas.project import check_device_id, contiguous_fleet, load_project
 from schemas.signing import Identity, TrustStore, save_private_key
 
@@ -32,16 +36,25 @@ def fleet(num_agents: int, num_regions: int) -> dict[str, list[str]]:
     return contiguous_fleet([agent_name(i) for i in range(num_agents)], num_regions)
 
 
+#: Identities that are not devices; no device may take one of these names.
+CONSUMER_ID = "consumer"
+RESERVED = frozenset({GLOBAL_ID, OPERATOR_ID, CONSUMER_ID, "admin", "probe", "kafka-broker"})
+
+
 def write_keys(out: Path, num_agents: int = 0, num_regions: int = 1,
                secret_out: Path | None = None,
-               devices: dict[str, list[str]] | None = None) -> dict[str, str]:
+               devices: dict[str, list[str]] | None = None,
+               pki: Pki | None = None) -> dict[str, str]:
     """Create every key of a deployment under ``out`` (the secret HE context under
     ``secret_out`` if given); return a summary. The fleet is ``devices`` (region -> device ids,
-    any spelling ``[A-Za-z0-9._-]{1,64}``) or else ``agent-000``... in ``num_regions``."""
+    any spelling ``[A-Za-z0-9._-]{1,64}``) or else ``agent-000``... in ``num_regions``.
+    Certificates come from ``pki``'s CAs (default: new CAs under ``out/ca``)."""
     devices = devices if devices is not None else fleet(num_agents, num_regions)
     for members in devices.values():
         for d in members:
             check_device_id(d)
+            if d in RESERVED or d in devices:
+                raise ValueError(f"device id {d!r} is the name of a service identity")
     out = Path(out)
     (out / "he").mkdir(parents=True, exist_ok=True)
     (out / "identities").mkdir(parents=True, exist_ok=True)
@@ -66,7 +79,31 @@ def write_keys(out: Path, num_agents: int = 0, num_regions: int = 1,
         for agent in agents:
             make(agent, "agent", region)
     (out / "trust.json").write_text(json.dumps(TrustStore(ids).dump(), indent=2))
+    write_certificates(out, devices, pki)
     return {"dir": str(out), "identities": str(len(ids)), "he_fingerprint": fingerprint(public)}
+
+
+def write_certificates(out: Path, devices: dict[str, list[str]], pki: Pki | None = None) -> None:
+    """Every identity's TLS key and certificates (layout in :mod:`schemas.keyring`): Kafka
+    client certificates for the global, the operator, a streaming consumer and each region;
+    MQTT client certificates from each region's CA for the region and its devices."""
+    tls = out / "tls"
+    pki = pki if pki is not None else Pki(out / "ca", tls)
+
+    def issue(ca: str, name: str, role: str, kind: str) -> None:
+        pki.issue_files(ca, name, role, tls / f"{name}.key", tls / f"{name}.{kind}.crt")
+
+    for name, role in ((GLOBAL_ID, "global"), (OPERATOR_ID, "operator"),
+                       (CONSUMER_ID, "consumer")):
+        issue(KAFKA_CA, name, role, "kafka")
+    for region, agents in devices.items():
+        issue(KAFKA_CA, region, "region", "kafka")
+        issue(region, region, "region", "mqtt")
+        for agent in agents:
+            issue(region, agent, "agent", "mqtt")
+    if pki.public_dir.resolve() != tls.resolve():  # another deployment's CAs: copy their certs
+        for ca in (KAFKA_CA, *devices):
+            (tls / ca_file_name(ca)).write_bytes(pki.ca_cert(ca).read_bytes())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
                     "[tool.fedstream.simulation] table instead")
     ap.add_argument("--fleet", type=Path, default=None,
                     help="take the fleet from a JSON file {region: [device ids]} instead")
+    ap.add_argument("--ca-dir", type=Path, default=None,
+                    help="issue the certificates from the CAs in this directory (their keys "
+                    "in CA_DIR/ca, certificates in CA_DIR/tls) instead of making new CAs")
     ap.add_argument("--secret-out", type=Path, default=None,
                     help="write the secret HE context here instead of OUT/he/ (keep it off the "
                     "volume that edge agents and regional aggregators mount)")
@@ -93,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         devices = (load_project(args.project).table.simulation.fleet() if args.project
                    else json.loads(args.fleet.read_text()) if args.fleet else None)
-        summary = write_keys(args.out, args.agents, args.regions, args.secret_out, devices)
+        pki = Pki(args.ca_dir / "ca", args.ca_dir / "tls") if args.ca_dir else None
+        summary = write_keys(args.out, args.agents, args.regions, args.secret_out, devices, pki)
     except (ValueError, OSError) as exc:
         ap.error(str(exc))
     print(json.dumps(summary, indent=2))

@@ -16,13 +16,21 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 
 from schemas import fedstream_pb2 as pb
-from schemas.kafka import CLIENT_SIZES, ensure_topics, read_latest_model
+from schemas.kafka import (
+    CLIENT_SIZES,
+    KafkaConn,
+    add_kafka_args,
+    as_conn,
+    ensure_topics,
+    kafka_conn_from_args,
+    read_latest_model,
+)
 from schemas.keyring import OPERATOR_ID
 from schemas.signing import TrustStore, header, load_private_key, seal
 from schemas.topics import Topics
 
 
-async def quarantine_state(kafka: str, trust: TrustStore, namespace: str) -> dict:
+async def quarantine_state(kafka: str | KafkaConn, trust: TrustStore, namespace: str) -> dict:
     t = Topics(namespace)
     mv, _ = await read_latest_model(kafka, t.models, trust, "")
     if mv is None:
@@ -31,14 +39,14 @@ async def quarantine_state(kafka: str, trust: TrustStore, namespace: str) -> dic
             "strikes": dict(mv.quarantine.strikes)}
 
 
-async def lift(kafka: str, keys_dir: Path, namespace: str, agents: list[str],
+async def lift(kafka: str | KafkaConn, keys_dir: Path, namespace: str, agents: list[str],
                identity: str = OPERATOR_ID) -> None:
     """Append one signed ``lift`` command for ``agents`` to the control topic."""
     t = Topics(namespace)
     key = load_private_key(Path(keys_dir) / "identities" / f"{identity}.pem")
     cmd = pb.Control(header=header(identity, 0, 0, ""), action="lift", agents=agents)
     await ensure_topics(kafka, t)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka, enable_idempotence=True, acks="all",
+    producer = AIOKafkaProducer(**as_conn(kafka).kwargs(), enable_idempotence=True, acks="all",
                                 **CLIENT_SIZES)
     await producer.start()
     try:
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         description="List quarantined devices (from the newest model version) or lift their "
         "quarantine with an operator-signed command to the global aggregator.",
     )
-    ap.add_argument("--kafka", required=True, help="Kafka bootstrap servers")
+    add_kafka_args(ap)
     ap.add_argument("--keys", type=Path, required=True,
                     help="key directory (trust.json; for lift also identities/operator.pem)")
     ap.add_argument("--namespace", default="fedstream", help="topic namespace")
@@ -67,13 +75,17 @@ def main(argv: list[str] | None = None) -> None:
     if not trust_file.exists():
         ap.error(f"no trust.json in {a.keys}")
     trust = TrustStore.load(trust_file)
+    try:
+        conn = kafka_conn_from_args(a, a.keys, OPERATOR_ID)
+    except ValueError as exc:
+        ap.error(str(exc))
     if a.command == "list":
-        print(json.dumps(asyncio.run(quarantine_state(a.kafka, trust, a.namespace))))
+        print(json.dumps(asyncio.run(quarantine_state(conn, trust, a.namespace))))
         return
     unknown = [x for x in a.agents if x not in trust.names(role="agent")]
     if unknown:
         ap.error(f"not agents of this federation: {unknown}")
-    asyncio.run(lift(a.kafka, a.keys, a.namespace, a.agents))
+    asyncio.run(lift(conn, a.keys, a.namespace, a.agents))
     print(json.dumps({"lifted": a.agents}))
 
 

@@ -43,7 +43,7 @@ from global_aggregator.strategies import (
     state_to_bytes,
 )
 from schemas import fedstream_pb2 as pb
-from schemas.cli import ServiceSettings
+from schemas.cli import KafkaClient, ServiceSettings
 from schemas.codec import Codec
 from schemas.errors import InvalidMessage, Reason
 from schemas.kafka import (
@@ -77,7 +77,7 @@ log = logging.getLogger("fedstream.global")
 SERVICE = "global"
 
 
-class GlobalSettings(ServiceSettings, FederationSettings):
+class GlobalSettings(ServiceSettings, KafkaClient, FederationSettings):
     """fedstream-global-aggregator: the round coordinator, the only holder of the secret key.
     Publishes signed model versions with their round task to the compacted Kafka model topic,
     consumes the regions' encrypted partial sums, decrypts only their total, applies the server
@@ -88,7 +88,6 @@ class GlobalSettings(ServiceSettings, FederationSettings):
 
     model_config = ServiceSettings.model_config | {"cli_prog_name": "fedstream-global-aggregator"}
 
-    kafka: str = Field(description="Kafka bootstrap servers")
     keys: Path = Field(description="key directory with the SECRET HE context and the global key")
     project: Path = Field(description="the federation's project directory")
     secret_context: Path | None = Field(
@@ -98,10 +97,6 @@ class GlobalSettings(ServiceSettings, FederationSettings):
         "seconds (or until SIGTERM) so the last round's numbers can be scraped")
     kafka_retry_s: float = Field(2.0, gt=0, description="pause before resuming after a Kafka "
                                  "error")
-
-    @property
-    def kafka_bootstrap(self) -> str:
-        return self.kafka
 
     @property
     def transactional_id(self) -> str:
@@ -125,6 +120,7 @@ class GlobalAggregator:
                                  secret_path=settings.secret_context)
         if not self.keys.he.is_private:
             raise ValueError("the global aggregator needs the secret HE context")
+        self.kafka = settings.kafka_conn(GLOBAL_ID, "global")
         self.regions = self.keys.trust.names(role="region")
         self.agents = self.keys.trust.names(role="agent")
         self.project = load_project(settings.project)
@@ -143,9 +139,10 @@ class GlobalAggregator:
         if self.project.table.server_eval:
             x, y = resolve(self.project.table.server_eval, "server_eval")()
             self.test_set = (np.asarray(x, np.float32), np.asarray(y))
-        if settings.min_group < 2:
-            log.warning("privacy floor k = %d: single devices' updates can be decrypted",
-                        settings.min_group)
+        if settings.min_group < 2 and settings.codec.encrypted:
+            raise ValueError("privacy floor k = 1 with encrypted updates would let this "
+                             "aggregator decrypt single devices' updates: set --min-group 2 or "
+                             "more (k = 1 is for trusted, unencrypted deployments)")
         log.info("project %s %s: model %s (%d parameters, hash %s), %d rounds, privacy floor "
                  "k = %d", self.project.name, self.project.version, self.spec.factory,
                  self.spec.num_params, self.model_hash[:12], settings.rounds, settings.min_group)
@@ -239,13 +236,13 @@ class GlobalAggregator:
         aborts the open transaction of) any older incarnation; the partials are read from the
         offsets committed with the last model version, by manual assignment (no group rebalance
         to wait for after a crash)."""
-        await ensure_topics(self.s.kafka_bootstrap, self.t)
+        await ensure_topics(self.kafka, self.t)
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.s.kafka_bootstrap, transactional_id=self.s.transactional_id,
+            **self.kafka.kwargs(), transactional_id=self.s.transactional_id,
             enable_idempotence=True, acks="all", **CLIENT_SIZES,
         )
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.s.kafka_bootstrap, group_id=self.s.group_id,
+            **self.kafka.kwargs(), group_id=self.s.group_id,
             isolation_level="read_committed", enable_auto_commit=False,
             auto_offset_reset="earliest", **CONSUMER_SIZES,
         )
@@ -272,7 +269,7 @@ class GlobalAggregator:
         return raw
 
     async def _rounds(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
-        mv, _ = await read_latest_model(self.s.kafka_bootstrap, self.t.models, self.keys.trust,
+        mv, _ = await read_latest_model(self.kafka, self.t.models, self.keys.trust,
                                        self.project.name)
         if mv is None:
             params = init_flat(self.spec, self.s.seed)

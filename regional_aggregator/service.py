@@ -34,7 +34,7 @@ from regional_aggregator.ratelimit import TokenBuckets
 from regional_aggregator.robust import make_rule
 from regional_aggregator.summing import RegionalSum
 from schemas import fedstream_pb2 as pb
-from schemas.cli import MqttClient, ServiceSettings, tune_malloc
+from schemas.cli import KafkaClient, MqttClient, ServiceSettings, tune_malloc
 from schemas.codec import Codec
 from schemas.errors import InvalidMessage, Reason
 from schemas.kafka import CLIENT_SIZES, MAX_MESSAGE_BYTES, catch_up, ensure_topics, model_consumer
@@ -60,7 +60,7 @@ log = logging.getLogger("fedstream.regional")
 SERVICE = "regional"
 
 
-class RegionalSettings(ServiceSettings, MqttClient):
+class RegionalSettings(ServiceSettings, MqttClient, KafkaClient):
     """fedstream-regional-aggregator: the summing service of one region. Takes the region's
     encrypted updates from MQTT (persistent session, manual ack), adds them without decrypting,
     writes the partial sums to Kafka, then acks and publishes receipts; relays each new model
@@ -71,7 +71,6 @@ class RegionalSettings(ServiceSettings, MqttClient):
         "cli_prog_name": "fedstream-regional-aggregator"}
 
     region: str = Field(description="region id, e.g. region-0")
-    kafka: str = Field(description="Kafka bootstrap servers")
     keys: Path = Field(description="key directory (public HE context + the region's key)")
     model: str = Field("", description="project whose models to relay (default: whichever "
                        "the namespace carries)")
@@ -100,16 +99,16 @@ class RegionalSettings(ServiceSettings, MqttClient):
         15.0, gt=0, description="seconds one attempt to commit a partial may take before it is "
         "retried with a new producer")
 
+    @property
+    def transactional_id(self) -> str:
+        return f"{self.namespace}-regional-{self.region}"
+
     @field_validator("robust")
     @classmethod
     def _rule(cls, v: str) -> str:
         if v:
             make_rule(v)  # refuse nonsense at start-up
         return v
-
-    @property
-    def kafka_bootstrap(self) -> str:
-        return self.kafka
 
     @property
     def model_name(self) -> str:
@@ -140,6 +139,11 @@ class RegionalAggregator:
         self.s = settings
         self.t = Topics(settings.namespace)
         self.keys = Keyring.load(settings.keys, settings.region)
+        me = self.keys.trust.get(settings.region)
+        if me is None or me.role != "region":
+            raise ValueError(f"{settings.region!r} is not a region of the trust store")
+        self.kafka = settings.kafka_conn(settings.region, "region")
+        self.mqtt_tls = settings.mqtt_tls(settings.region, "region")
         agents = self.keys.trust.names(role="agent", region=settings.region)
         if not agents:
             raise ValueError(f"trust store has no agents in region {settings.region!r}")
@@ -390,8 +394,8 @@ class RegionalAggregator:
         """A transactional producer: starting it fences (and aborts the open transaction of) any
         older incarnation of this region, so a partial is written whole or not at all."""
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.s.kafka_bootstrap, enable_idempotence=True, acks="all",
-            transactional_id=f"{self.s.namespace}-regional-{self.s.region}",
+            **self.kafka.kwargs(), enable_idempotence=True, acks="all",
+            transactional_id=self.s.transactional_id,
             request_timeout_ms=int(self.s.kafka_timeout_s * 1000), **CLIENT_SIZES,
         )
         await producer.start()
@@ -470,11 +474,11 @@ class RegionalAggregator:
             subscriptions=[self.t.updates(self.s.region)], loop=loop,
             persistent=True, manual_ack=True, on_connect=self._on_reconnect,
             username=self.s.mqtt_username, password=self.s.mqtt_password,
-            ca_file=self.s.mqtt_ca_file, inbox_size=self.s.inbox_size,
+            ca_file=self.s.mqtt_ca_file, tls=self.mqtt_tls, inbox_size=self.s.inbox_size,
         )
-        await ensure_topics(self.s.kafka_bootstrap, self.t)
+        await ensure_topics(self.kafka, self.t)
         self._producer = await self._new_producer()
-        models = model_consumer(self.s.kafka_bootstrap)
+        models = model_consumer(self.kafka)
         await models.start()
         tp = TopicPartition(self.t.models, 0)
         models.assign([tp])
@@ -493,8 +497,10 @@ class RegionalAggregator:
             asyncio.create_task(self._pump_updates(), name="updates"),
             asyncio.create_task(self._rounds(), name="rounds"),
         ]
-        log.info("%s: regional aggregator up (MQTT %s:%d, Kafka %s)", self.s.region,
-                 self.s.mqtt_host, self.s.mqtt_port, self.s.kafka_bootstrap)
+        log.info("%s: regional aggregator up (MQTT %s:%d%s, Kafka %s%s), privacy floor k = %d",
+                 self.s.region, self.s.mqtt_host, self.s.mqtt_port,
+                 " mutual TLS" if self.mqtt_tls else "", self.s.kafka_bootstrap,
+                 " mutual TLS" if self.kafka.tls else "", self.s.min_agents_per_partial)
         stop = asyncio.create_task(self._stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)

@@ -36,6 +36,8 @@ from pydantic_settings import (
 )
 
 from schemas.errors import InvalidMessage
+from schemas.kafka import KafkaConn
+from schemas.pki import TlsFiles
 from schemas.settings import FederationSettings
 
 ENV_PREFIX = "FEDSTREAM_"
@@ -70,6 +72,14 @@ class MqttClient(BaseSettings):
     mqtt_password_file: Path | None = Field(None, description="file holding the MQTT password")
     mqtt_ca_file: Path | None = Field(
         None, description="CA certificate: connect with TLS and verify the broker")
+    mqtt_cert_file: Path | None = Field(
+        None, description="this identity's MQTT client certificate (mutual TLS; the broker "
+        "takes the identity from it)")
+    mqtt_key_file: Path | None = Field(None, description="the TLS key of --mqtt-cert-file")
+
+    def mqtt_tls(self, name: str, role: str) -> TlsFiles | None:
+        """The MQTT TLS files, checked to be ``name``'s own (None: plain MQTT)."""
+        return _tls("mqtt", self.mqtt_ca_file, self.mqtt_cert_file, self.mqtt_key_file, name, role)
 
     @field_validator("mqtt")
     @classmethod
@@ -89,6 +99,40 @@ class MqttClient(BaseSettings):
     def mqtt_password(self) -> str | None:
         f = self.mqtt_password_file
         return f.read_text().strip() if f is not None else None
+
+
+class KafkaClient(BaseSettings):
+    """Kafka's address and, for a locked-down cluster, this identity's mutual-TLS files."""
+
+    kafka: str = Field(description="Kafka bootstrap servers")
+    kafka_ca_file: Path | None = Field(
+        None, description="CA certificate of the Kafka brokers: connect with TLS")
+    kafka_cert_file: Path | None = Field(
+        None, description="this identity's Kafka client certificate (mutual TLS; the broker's "
+        "ACLs name its CN)")
+    kafka_key_file: Path | None = Field(None, description="the TLS key of --kafka-cert-file")
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.kafka
+
+    def kafka_conn(self, name: str, role: str) -> KafkaConn:
+        """How this identity reaches Kafka, its TLS files checked to be its own."""
+        tls = _tls("kafka", self.kafka_ca_file, self.kafka_cert_file, self.kafka_key_file,
+                   name, role)
+        return KafkaConn(self.kafka, tls)
+
+
+def _tls(kind: str, ca: Path | None, cert: Path | None, key: Path | None, name: str,
+         role: str) -> TlsFiles | None:
+    if ca is None and cert is None and key is None:
+        return None
+    if ca is None or cert is None or key is None:
+        raise ValueError(f"--{kind}-ca-file, --{kind}-cert-file and --{kind}-key-file go "
+                         "together (mutual TLS)")
+    files = TlsFiles(ca, cert, key)
+    files.check(name, role)  # PkiError (a ValueError): another identity's files
+    return files
 
 
 class _TableSource(PydanticBaseSettingsSource):

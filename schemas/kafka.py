@@ -6,14 +6,24 @@ raises its size limits together with the topics' ``max.message.bytes``.
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
 
 from schemas import fedstream_pb2 as pb
 from schemas.errors import InvalidMessage
+from schemas.pki import TlsFiles
 from schemas.signing import TrustStore, open_model_version
 from schemas.topics import Topics
 
@@ -24,9 +34,66 @@ CLIENT_SIZES = {"max_request_size": MAX_MESSAGE_BYTES}
 CONSUMER_SIZES = {"max_partition_fetch_bytes": MAX_MESSAGE_BYTES, "fetch_max_bytes": 4 * MAX_MESSAGE_BYTES}
 
 
-async def ensure_topics(bootstrap: str, topics: Topics) -> None:
-    """Create the partials and (compacted) models topics if they do not exist yet."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+@dataclass(frozen=True)
+class KafkaConn:
+    """Where Kafka is and how to authenticate: plaintext, or TLS with a client certificate
+    (mutual TLS; the broker maps the certificate's CN to the principal its ACLs name).
+
+    Every aiokafka client of fedstream is built with ``**conn.kwargs()``.
+    """
+
+    bootstrap: str
+    tls: TlsFiles | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        if self.tls is None:
+            return {"bootstrap_servers": self.bootstrap}
+        from aiokafka.helpers import create_ssl_context
+
+        ctx = create_ssl_context(cafile=str(self.tls.ca), certfile=str(self.tls.cert),
+                                 keyfile=str(self.tls.key))
+        return {"bootstrap_servers": self.bootstrap, "security_protocol": "SSL",
+                "ssl_context": ctx}
+
+
+def as_conn(kafka: str | KafkaConn) -> KafkaConn:
+    return kafka if isinstance(kafka, KafkaConn) else KafkaConn(kafka)
+
+
+def add_kafka_args(ap: argparse.ArgumentParser) -> None:
+    """The Kafka flags of the operator tools (argparse), the same names and ``FEDSTREAM_*``
+    variables as the services' settings."""
+    env = os.environ.get
+    ap.add_argument("--kafka", default=env("FEDSTREAM_KAFKA"), required=not env("FEDSTREAM_KAFKA"),
+                    help="Kafka bootstrap servers (env FEDSTREAM_KAFKA)")
+    ap.add_argument("--kafka-tls", action="store_true",
+                    help="mutual TLS with this identity's files from the key directory "
+                    "(KEYS/tls/ca-kafka.crt, KEYS/tls/<identity>.kafka.crt and .key)")
+    for kind, what in (("ca", "CA certificate of the Kafka brokers"),
+                       ("cert", "this identity's Kafka client certificate"),
+                       ("key", "the TLS key of --kafka-cert-file")):
+        ap.add_argument(f"--kafka-{kind}-file", type=Path,
+                        default=env(f"FEDSTREAM_KAFKA_{kind.upper()}_FILE"),
+                        help=f"{what} (mutual TLS; env FEDSTREAM_KAFKA_{kind.upper()}_FILE)")
+
+
+def kafka_conn_from_args(a: argparse.Namespace, keys_dir: Path, identity: str) -> KafkaConn:
+    """The connection :func:`add_kafka_args`'s flags describe, for ``identity``."""
+    files = (a.kafka_ca_file, a.kafka_cert_file, a.kafka_key_file)
+    if a.kafka_tls and not any(files):
+        tls = Path(keys_dir) / "tls"
+        files = (tls / "ca-kafka.crt", tls / f"{identity}.kafka.crt", tls / f"{identity}.key")
+    if not any(files):
+        return KafkaConn(a.kafka)
+    if not all(files):
+        raise ValueError("--kafka-ca-file, --kafka-cert-file and --kafka-key-file go together")
+    return KafkaConn(a.kafka, TlsFiles(*files))
+
+
+async def ensure_topics(kafka: str | KafkaConn, topics: Topics) -> None:
+    """Create the partials, (compacted) models, control and (compacted) fleet topics if they do
+    not exist yet (needs the right to create topics: an operator's or an admin's identity)."""
+    admin = AIOKafkaAdminClient(**as_conn(kafka).kwargs())
     await admin.start()
     try:
         size = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
@@ -35,12 +102,17 @@ async def ensure_topics(bootstrap: str, topics: Topics) -> None:
             NewTopic(topics.models, num_partitions=1, replication_factor=1,
                      topic_configs={**size, "cleanup.policy": "compact"}),
             NewTopic(topics.control, num_partitions=1, replication_factor=1, topic_configs=size),
+            NewTopic(topics.fleet, num_partitions=1, replication_factor=1,
+                     topic_configs={**size, "cleanup.policy": "compact"}),
         ]
         for topic in new:
             try:
                 await admin.create_topics([topic])
             except TopicAlreadyExistsError:
                 pass
+            except (TopicAuthorizationFailedError, ClusterAuthorizationFailedError):
+                # a locked-down cluster: the operator creates the topics, services may not
+                log.debug("not allowed to create %s: leaving it to the operator", topic.name)
     finally:
         await admin.close()
 
@@ -77,18 +149,18 @@ async def catch_up(
     return latest
 
 
-def model_consumer(bootstrap: str) -> AIOKafkaConsumer:
+def model_consumer(kafka: str | KafkaConn) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed",
+        **as_conn(kafka).kwargs(), enable_auto_commit=False, isolation_level="read_committed",
         **CONSUMER_SIZES,
     )
 
 
 async def read_latest_model(
-    bootstrap: str, topic: str, trust: TrustStore, model_name: str
+    kafka: str | KafkaConn, topic: str, trust: TrustStore, model_name: str
 ) -> tuple[pb.ModelVersion | None, bytes | None]:
     """Latest committed, verified model version of ``model_name`` (and its envelope bytes)."""
-    consumer = model_consumer(bootstrap)
+    consumer = model_consumer(kafka)
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)

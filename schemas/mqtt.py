@@ -21,6 +21,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from schemas.pki import TlsFiles
+
 log = logging.getLogger("fedstream.mqtt")
 
 #: Largest MQTT packet, the same number in Mosquitto's ``max_packet_size`` (local stack and
@@ -39,6 +41,7 @@ class MqttLink:
         manual_ack: acknowledge QoS 1 messages only when :meth:`ack` is called.
         on_connect: called (in paho's thread) after every successful (re)connect.
         inbox_size: most messages waiting for the asyncio side (0: unbounded).
+        tls: this identity's certificate, key and the broker's CA (mutual TLS).
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class MqttLink:
         username: str | None = None,
         password: str | None = None,
         ca_file: Path | None = None,
+        tls: TlsFiles | None = None,
         inbox_size: int = 0,
     ) -> None:
         self.inbox: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue(maxsize=inbox_size)
@@ -72,7 +76,9 @@ class MqttLink:
         )
         if username:
             self.client.username_pw_set(username, password)
-        if ca_file:
+        if tls is not None:  # mutual TLS: the broker takes our identity from the certificate
+            self.client.tls_set(ca_certs=str(tls.ca), certfile=str(tls.cert), keyfile=str(tls.key))
+        elif ca_file:
             self.client.tls_set(ca_certs=str(ca_file))
         self.client.manual_ack_set(manual_ack)
         self.client.max_inflight_messages_set(0)  # 0 = no client-side cap on our own QoS 1 sends

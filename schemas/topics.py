@@ -14,6 +14,7 @@ Kafka::
     ns.partials   PartialChunk envelopes, key = "<round>/<region>/<chunk>"
     ns.models     ModelVersion envelopes, compacted, key = model name
     ns.control    Control envelopes (operator commands to the global aggregator)
+    ns.fleet      FleetRecord envelopes (enrol, revoke, rotate), compacted, key = identity
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class Topics:
     @property
     def control(self) -> str:
         return f"{self.namespace}.control"
+
+    @property
+    def fleet(self) -> str:
+        return f"{self.namespace}.fleet"
 
     def model(self, region: str) -> str:
         return f"{self.namespace}/{region}/model"

@@ -4,6 +4,7 @@
 - stack          session-scoped LocalStack (regions "region-0", "region-1" + one KRaft Kafka;
                  Mosquitto capped at 128 KB messages like AWS IoT Core), started on first use, stopped at the end of the session. Don't kill it: use
                  stack_factory for fault injection.
+- secure_stack   session-scoped locked-down LocalStack (mutual TLS, ACLs; regions region-0..3).
 - stack_factory  function-scoped: make(regions=("region-0",), kafka=True, **kw) -> started LocalStack
                  of your own (kill/restart freely); all are stopped at teardown.
 - topic_prefix   function-scoped unique, Kafka- and MQTT-safe name prefix, e.g. "t-test-foo-1a2b3c4d".
@@ -49,6 +50,27 @@ def stack():
 
     # every federation test runs under a managed broker's message cap (AWS IoT Core: 128 KB)
     s = LocalStack(list(DEFAULT_REGIONS), mqtt_message_limit=MANAGED_BROKER_LIMIT)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+#: The locked-down stack's regions: each secure federation test takes its own pair, since the
+#: broker binds MQTT sessions to the certificate's name (a region's session is its own).
+SECURE_REGIONS = ("region-0", "region-1", "region-2", "region-3")
+
+
+@pytest.fixture(scope="session")
+def secure_stack():
+    """Session-scoped locked-down LocalStack: mutual TLS on Mosquitto (one CA per region,
+    identity from the certificate, ACL) and on Kafka (standard authorizer, ACLs per federation,
+    granted by ``Federation.start_all``), under the same 128 KB message cap."""
+    _require_brokers()
+    from compose.localstack import LocalStack
+
+    s = LocalStack(list(SECURE_REGIONS), mqtt_message_limit=MANAGED_BROKER_LIMIT, secure=True)
     s.start()
     try:
         yield s

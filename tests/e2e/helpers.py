@@ -26,11 +26,13 @@ DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
 def make_federation(mqtt, kafka, tmp_path, namespace, *, agents=6, regions=2, rounds=3,
                     deadline_s=120.0, extra_global=(), extra_regional=(),
                     devices: dict[str, list[str]] | None = None,
-                    project: Path = DIGITS) -> Federation:
+                    project: Path = DIGITS, stack=None) -> Federation:
     """A federation of the digits example project: per-device .npz files written to
     ``tmp_path/data`` (each device is told its own file with ``--data path=...``), keys for
     ``devices`` (region -> ids; default agent-000...), the project's own settings but for
-    rounds, deadline and seed."""
+    rounds, deadline and seed. With a locked-down ``stack`` (``LocalStack(secure=True)``) the
+    certificates come from its CAs and the federation runs secure (own key directory per
+    process, TLS flags, Kafka ACLs)."""
     devices = devices if devices is not None else fleet(agents, regions)
     p = load_project(project)
     from digits_fl.data import make_data  # the project's package, importable once loaded
@@ -38,8 +40,10 @@ def make_federation(mqtt, kafka, tmp_path, namespace, *, agents=6, regions=2, ro
     data_dir = tmp_path / "data"
     make_data([d for ids in devices.values() for d in ids], data_dir, seed=SEED, alpha=0.5)
     keys = tmp_path / "keys"
-    write_keys(keys, devices=devices)
+    secure = stack is not None and stack.secure
+    write_keys(keys, devices=devices, pki=stack.pki if secure else None)
     return Federation(
+        secure=secure, admin=stack.kafka_conn if stack is not None else None,
         mqtt=mqtt, kafka=kafka, keys_dir=keys, fleet=devices, project=p.root,
         data={"path": str(data_dir / "{device_id}.npz")},
         workdir=tmp_path / "logs", namespace=namespace,
@@ -92,7 +96,7 @@ async def watch(fed: Federation, timeout_s: float, on_version=None) -> list[Veri
     out: list[VerifiedModel] = []
 
     async def run():
-        async for v in model_versions(fed.kafka, trust, namespace=fed.namespace):
+        async for v in model_versions(fed.consumer, trust, namespace=fed.namespace):
             out.append(v)
             if on_version is not None:
                 r = on_version(v)
