@@ -35,6 +35,8 @@ class Federation:
         namespace: topic namespace (unique per test).
         global_args / regional_args / edge_args: extra CLI flags for each kind of service.
         admin: how to reach Kafka as its administrator (topics, ACLs); plaintext if None.
+        own_keys: processes that bring their own key directory (a device enrolled with
+            ``fedstream-device init`` and ``fedstream-fleet enrol``).
         secure: run locked down (brokers with mutual TLS and ACLs, e.g. ``LocalStack(secure=
             True)``): every service gets a key directory of its own holding only its own
             secrets (:func:`schemas.keyring.export_identity`) and its TLS flags, and
@@ -56,6 +58,7 @@ class Federation:
     per_process_args: dict[str, list[str]] = field(default_factory=dict)
     admin: KafkaConn | None = None
     secure: bool = False
+    own_keys: dict[str, Path] = field(default_factory=dict)
 
     @property
     def fleet_ids(self) -> list[str]:
@@ -73,6 +76,8 @@ class Federation:
 
     def keys_of(self, name: str) -> Path:
         """The key directory ``name`` runs with: in secure mode its own (only its secrets)."""
+        if name in self.own_keys:
+            return self.own_keys[name]
         if not self.secure:
             return self.keys_dir
         own = self.workdir / "keys" / name

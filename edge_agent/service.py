@@ -67,7 +67,8 @@ class EdgeSettings(ServiceSettings, MqttClient):
     keys: Path = Field(description="key directory (public HE context + this device's key)")
     project: Path = Field(description="the federation's project directory (its pyproject.toml "
                           "names model, loss and data loader)")
-    region: str | None = Field(None, description="region (default: the trust store's)")
+    region: str | None = Field(None, description="region (default: the trust store's; a "
+                               "device enrolled after its trust.json was made gives it here)")
     data: dict[str, str] = Field(
         default_factory=dict, description="this device's own loader settings, KEY=VALUE "
         "(repeatable), over the project's loader_options; e.g. --data path=/var/log/x.csv")
@@ -100,11 +101,17 @@ class EdgeAgent:
         self.t = Topics(settings.namespace)
         self.keys = Keyring.load(settings.keys, settings.device_id)
         me = self.keys.trust.get(settings.device_id)
-        if me is None or me.role != "agent":
+        if me is None:  # enrolled after this trust.json was made (fedstream-fleet enrol)
+            if settings.region is None:
+                raise ValueError(f"{settings.device_id} is not in this trust store: a device "
+                                 "enrolled later gives its --region")
+            self.region = settings.region
+        elif me.role != "agent":
             raise ValueError(f"{settings.device_id} is not a device of the trust store")
-        if settings.region not in (None, me.region):
+        elif settings.region not in (None, me.region):
             raise ValueError(f"{settings.device_id} belongs to {me.region}, not {settings.region}")
-        self.region = me.region
+        else:
+            self.region = me.region
         self.mqtt_tls = settings.mqtt_tls(settings.device_id, "agent")
         self.project = load_project(settings.project)
         self.spec = project_spec(self.project)

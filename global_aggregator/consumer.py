@@ -135,11 +135,11 @@ def main(argv: list[str] | None = None) -> None:
         description="Print verified model versions from the Kafka model topic, one JSON line "
         "each (version, round, metrics, participants); unverifiable records are skipped.",
     )
-    add_kafka_args(ap)
+    add_kafka_args(ap, "this consumer")
     ap.add_argument("--trust", type=Path, required=True, help="trust.json from fedstream-keygen")
     ap.add_argument("--identity", default="consumer",
-                    help="this consumer's identity (the CN of its Kafka certificate; with "
-                    "--kafka-tls its files are taken from the trust file's directory)")
+                    help="this consumer's identity, the CN of its Kafka certificate (its TLS "
+                    "files default to tls/<identity>.* beside the trust file)")
     ap.add_argument("--namespace", default="fedstream", help="topic namespace")
     ap.add_argument("--model", default=None, help="only this model name")
     ap.add_argument("--follow", action="store_true", help="keep waiting for new versions")
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     trust = TrustStore.load(a.trust)
     try:
-        conn = kafka_conn_from_args(a, a.trust.parent, a.identity)
+        conn = kafka_conn_from_args(a, a.trust.parent, a.identity, "consumer")
     except ValueError as exc:
         ap.error(str(exc))
 

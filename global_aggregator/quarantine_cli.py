@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"no trust.json in {a.keys}")
     trust = TrustStore.load(trust_file)
     try:
-        conn = kafka_conn_from_args(a, a.keys, OPERATOR_ID)
+        conn = kafka_conn_from_args(a, a.keys, OPERATOR_ID, "operator")
     except ValueError as exc:
         ap.error(str(exc))
     if a.command == "list":

@@ -46,6 +46,7 @@ from schemas import fedstream_pb2 as pb
 from schemas.cli import KafkaClient, ServiceSettings
 from schemas.codec import Codec
 from schemas.errors import InvalidMessage, Reason
+from schemas.fleet import FleetFollower
 from schemas.kafka import (
     CLIENT_SIZES,
     CONSUMER_SIZES,
@@ -122,7 +123,7 @@ class GlobalAggregator:
             raise ValueError("the global aggregator needs the secret HE context")
         self.kafka = settings.kafka_conn(GLOBAL_ID, "global")
         self.regions = self.keys.trust.names(role="region")
-        self.agents = self.keys.trust.names(role="agent")
+        self.fleet: FleetFollower | None = None
         self.project = load_project(settings.project)
         self.spec = project_spec(self.project)
         self.model_hash = model_hash(self.spec)
@@ -149,6 +150,12 @@ class GlobalAggregator:
         self.done = asyncio.Event()
         self._stop = asyncio.Event()
         self.history: list[dict] = []
+
+    @property
+    def agents(self) -> list[str]:
+        """The fleet now: the trust store, changed live by fleet records (enrolled devices are
+        selected from the next round on, revoked ones no longer)."""
+        return self.keys.trust.names(role="agent")
 
     # -- pure-ish helpers ------------------------------------------------------------------
 
@@ -230,6 +237,8 @@ class GlobalAggregator:
                     await asyncio.wait_for(asyncio.shield(stop), self.s.linger_s)
         finally:
             stop.cancel()
+            if self.fleet is not None:
+                await self.fleet.stop()
 
     async def _session(self) -> None:
         """One incarnation of the Kafka clients. The transactional producer's start fences (and
@@ -237,6 +246,9 @@ class GlobalAggregator:
         offsets committed with the last model version, by manual assignment (no group rebalance
         to wait for after a crash)."""
         await ensure_topics(self.kafka, self.t)
+        if self.fleet is None:  # the fleet as it is now, before any round: then followed live
+            self.fleet = FleetFollower(self.kafka, self.t, self.keys.trust)
+            await self.fleet.caught_up()
         producer = AIOKafkaProducer(
             **self.kafka.kwargs(), transactional_id=self.s.transactional_id,
             enable_idempotence=True, acks="all", **CLIENT_SIZES,

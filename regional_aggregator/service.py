@@ -37,6 +37,7 @@ from schemas import fedstream_pb2 as pb
 from schemas.cli import KafkaClient, MqttClient, ServiceSettings, tune_malloc
 from schemas.codec import Codec
 from schemas.errors import InvalidMessage, Reason
+from schemas.fleet import FleetFollower
 from schemas.kafka import CLIENT_SIZES, MAX_MESSAGE_BYTES, catch_up, ensure_topics, model_consumer
 from schemas.keyring import Keyring
 from schemas.mqtt import MAX_PACKET_BYTES, MqttLink
@@ -144,10 +145,9 @@ class RegionalAggregator:
             raise ValueError(f"{settings.region!r} is not a region of the trust store")
         self.kafka = settings.kafka_conn(settings.region, "region")
         self.mqtt_tls = settings.mqtt_tls(settings.region, "region")
-        agents = self.keys.trust.names(role="agent", region=settings.region)
-        if not agents:
-            raise ValueError(f"trust store has no agents in region {settings.region!r}")
-        self.agents = set(agents)
+        if not self.keys.trust.names(role="agent", region=settings.region):
+            log.warning("%s: no devices yet; they join through the fleet topic (fedstream-fleet "
+                        "enrol)", settings.region)
         self.round: _Round | None = None
         self.closed_round = 0  # every round up to this one is over for this region
         self._model_raw: bytes | None = None
@@ -157,6 +157,24 @@ class RegionalAggregator:
         self._round_changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._rate = TokenBuckets(settings.rate_per_s, settings.rate_burst)
+
+    @property
+    def agents(self) -> set[str]:
+        """This region's devices now: the trust store, changed live by fleet records."""
+        return set(self.keys.trust.names(role="agent", region=self.s.region))
+
+    def _on_fleet_change(self, rec: pb.FleetRecord) -> None:
+        """A device revoked mid-round: stop waiting for it (its updates are refused as
+        ``revoked``; what it sent before stays summed, like any device's)."""
+        r = self.round
+        if rec.action != "revoke" or r is None or r.flushing or r.flushed:
+            return
+        if rec.identity in r.expected and rec.identity not in r.summer.agents:
+            r.expected.discard(rec.identity)
+            log.info("%s: %s revoked: round %d no longer waits for it", self.s.region,
+                     rec.identity, r.task.round)
+            if set(r.summer.agents) >= r.expected:
+                self._round_changed.set()
 
     # -- model versions: Kafka -> retained MQTT ------------------------------------------------
 
@@ -477,6 +495,9 @@ class RegionalAggregator:
             ca_file=self.s.mqtt_ca_file, tls=self.mqtt_tls, inbox_size=self.s.inbox_size,
         )
         await ensure_topics(self.kafka, self.t)
+        # the fleet as it is now, before any round: then followed live
+        fleet = FleetFollower(self.kafka, self.t, self.keys.trust, on_change=self._on_fleet_change)
+        await fleet.caught_up()
         self._producer = await self._new_producer()
         models = model_consumer(self.kafka)
         await models.start()
@@ -511,6 +532,7 @@ class RegionalAggregator:
             for t in [*tasks, stop]:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await fleet.stop()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(models.stop(), 5)
             if self._producer is not None:

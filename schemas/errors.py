@@ -73,6 +73,10 @@ class Reason(StrEnum):
     NO_SECRET_KEY = "no_secret_key"
     BAD_OPTIMIZER_STATE = "bad_optimizer_state"
     BAD_COMMAND = "bad_command"
+    # the fleet: enrolment, revocation and key rotation (schemas/fleet.py)
+    REVOKED = "revoked"                    # signed by an identity the operator revoked
+    ROTATED_KEY = "rotated_key"            # signed with a key not valid for the message's round
+    BAD_RECORD = "bad_record"              # a fleet record that is malformed or contradicts the store
     # the device's own project and data
     TASK_MISMATCH = "task_mismatch"        # the round task names another project / model / plan
     DATA_ERROR = "data_error"              # the device's local data is missing or unusable

@@ -15,12 +15,14 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PARTIAL_CHUNK: _ClassVar[Kind]
     RECEIPT: _ClassVar[Kind]
     CONTROL: _ClassVar[Kind]
+    FLEET_RECORD: _ClassVar[Kind]
 KIND_UNSPECIFIED: Kind
 MODEL_VERSION: Kind
 UPDATE_CHUNK: Kind
 PARTIAL_CHUNK: Kind
 RECEIPT: Kind
 CONTROL: Kind
+FLEET_RECORD: Kind
 
 class Envelope(_message.Message):
     __slots__ = ("schema_version", "kind", "signer", "body", "signature")
@@ -267,6 +269,28 @@ class Control(_message.Message):
     action: str
     agents: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., action: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FleetRecord(_message.Message):
+    __slots__ = ("header", "action", "identity", "role", "region", "public_key", "effective_round", "certificate", "previous_key")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_KEY_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    action: str
+    identity: str
+    role: str
+    region: str
+    public_key: bytes
+    effective_round: int
+    certificate: bytes
+    previous_key: bytes
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., action: _Optional[str] = ..., identity: _Optional[str] = ..., role: _Optional[str] = ..., region: _Optional[str] = ..., public_key: _Optional[bytes] = ..., effective_round: _Optional[int] = ..., certificate: _Optional[bytes] = ..., previous_key: _Optional[bytes] = ...) -> None: ...
 
 class Receipt(_message.Message):
     __slots__ = ("header", "region", "agents")

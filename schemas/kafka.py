@@ -60,34 +60,48 @@ def as_conn(kafka: str | KafkaConn) -> KafkaConn:
     return kafka if isinstance(kafka, KafkaConn) else KafkaConn(kafka)
 
 
-def add_kafka_args(ap: argparse.ArgumentParser) -> None:
-    """The Kafka flags of the operator tools (argparse), the same names and ``FEDSTREAM_*``
-    variables as the services' settings."""
+def add_kafka_args(ap: argparse.ArgumentParser | argparse._ArgumentGroup,
+                   who: str = "this identity") -> None:
+    """The Kafka flags of the operator tools (argparse): the same names and ``FEDSTREAM_*``
+    variables as the services' settings. TLS is the default whenever the identity's three
+    files are in the key directory; ``--kafka-plaintext`` forces an open connection."""
     env = os.environ.get
     ap.add_argument("--kafka", default=env("FEDSTREAM_KAFKA"), required=not env("FEDSTREAM_KAFKA"),
-                    help="Kafka bootstrap servers (env FEDSTREAM_KAFKA)")
-    ap.add_argument("--kafka-tls", action="store_true",
-                    help="mutual TLS with this identity's files from the key directory "
-                    "(KEYS/tls/ca-kafka.crt, KEYS/tls/<identity>.kafka.crt and .key)")
-    for kind, what in (("ca", "CA certificate of the Kafka brokers"),
-                       ("cert", "this identity's Kafka client certificate"),
-                       ("key", "the TLS key of --kafka-cert-file")):
-        ap.add_argument(f"--kafka-{kind}-file", type=Path,
+                    metavar="HOST:PORT", help="Kafka bootstrap servers (env FEDSTREAM_KAFKA)")
+    for kind, what, default in (("ca", "CA certificate of the Kafka brokers", "ca-kafka.crt"),
+                                ("cert", f"{who}'s Kafka client certificate", "<id>.kafka.crt"),
+                                ("key", "the TLS key of --kafka-cert-file", "<id>.key")):
+        ap.add_argument(f"--kafka-{kind}-file", type=Path, metavar="FILE",
                         default=env(f"FEDSTREAM_KAFKA_{kind.upper()}_FILE"),
-                        help=f"{what} (mutual TLS; env FEDSTREAM_KAFKA_{kind.upper()}_FILE)")
+                        help=f"{what} (default KEYS/tls/{default} when the three exist; env "
+                        f"FEDSTREAM_KAFKA_{kind.upper()}_FILE)")
+    ap.add_argument("--kafka-plaintext", action="store_true",
+                    help="connect without TLS even if the key directory holds the Kafka files "
+                    "(an open, local broker)")
 
 
-def kafka_conn_from_args(a: argparse.Namespace, keys_dir: Path, identity: str) -> KafkaConn:
-    """The connection :func:`add_kafka_args`'s flags describe, for ``identity``."""
+def kafka_conn_from_args(a: argparse.Namespace, keys_dir: Path, identity: str,
+                         role: str | None = None) -> KafkaConn:
+    """The connection :func:`add_kafka_args`'s flags describe for ``identity``: the explicit
+    files, else its files in ``keys_dir`` when all three exist, else plaintext. Files that are
+    not ``identity``'s own (in ``role``) are refused (:class:`~schemas.pki.PkiError`, a
+    ValueError), so are half the flags."""
     files = (a.kafka_ca_file, a.kafka_cert_file, a.kafka_key_file)
-    if a.kafka_tls and not any(files):
-        tls = Path(keys_dir) / "tls"
-        files = (tls / "ca-kafka.crt", tls / f"{identity}.kafka.crt", tls / f"{identity}.key")
-    if not any(files):
+    if a.kafka_plaintext:
+        if any(files):
+            raise ValueError("--kafka-plaintext and the --kafka-*-file flags exclude each other")
         return KafkaConn(a.kafka)
+    if not any(files):
+        tls = Path(keys_dir) / "tls"
+        derived = (tls / "ca-kafka.crt", tls / f"{identity}.kafka.crt", tls / f"{identity}.key")
+        if not all(p.exists() for p in derived):
+            return KafkaConn(a.kafka)
+        files = derived
     if not all(files):
         raise ValueError("--kafka-ca-file, --kafka-cert-file and --kafka-key-file go together")
-    return KafkaConn(a.kafka, TlsFiles(*files))
+    tls_files = TlsFiles(*files)
+    tls_files.check(identity, role)
+    return KafkaConn(a.kafka, tls_files)
 
 
 async def ensure_topics(kafka: str | KafkaConn, topics: Topics) -> None:

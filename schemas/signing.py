@@ -12,6 +12,10 @@ or in another federation (every topic name starts with the federation's namespac
 The topic of a model version is the Kafka model topic (``<ns>.models``) also where a regional
 aggregator relays it to MQTT unchanged.
 
+The trust store changes live: the operator's fleet records (:mod:`schemas.fleet`) enrol, revoke
+and rotate agents. An identity keeps every key it had, each valid for a range of rounds, so a
+message verifies only with the key valid for the round in its header.
+
 Usage::
 
     key = Ed25519PrivateKey.generate()
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +50,14 @@ BODY_TYPES: dict[int, type[Message]] = {
     pb.PARTIAL_CHUNK: pb.PartialChunk,
     pb.RECEIPT: pb.Receipt,
     pb.CONTROL: pb.Control,
+    pb.FLEET_RECORD: pb.FleetRecord,
 }
 
 
 @dataclass(frozen=True)
 class Identity:
-    """A signer the federation knows: its name, role ("agent", "region", "global") and key."""
+    """A signer the federation knows: its name, role ("agent", "region", "global") and its
+    current key."""
 
     name: str
     role: str
@@ -59,45 +65,268 @@ class Identity:
     public_key: Ed25519PublicKey
 
 
+def _raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@dataclass(frozen=True)
+class KeySpan:
+    """One key of an identity and the rounds it signs for: ``valid_from`` <= round <
+    ``valid_until`` (``None``: no end)."""
+
+    public_key: Ed25519PublicKey
+    valid_from: int = 0
+    valid_until: int | None = None
+    raw: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "raw", _raw(self.public_key))
+
+    def covers(self, round_id: int) -> bool:
+        return self.valid_from <= round_id and (self.valid_until is None
+                                                or round_id < self.valid_until)
+
+
+@dataclass(frozen=True)
+class IdentityState:
+    """Everything the trust store knows of one identity: every key it ever had (oldest first,
+    the last one current) and whether it is revoked (for good)."""
+
+    name: str
+    role: str
+    region: str
+    keys: tuple[KeySpan, ...]
+    revoked: bool = False
+
+    @property
+    def identity(self) -> Identity | None:
+        """The identity with its current key (None: revoked, or known only as revoked)."""
+        if self.revoked or not self.keys:
+            return None
+        return Identity(self.name, self.role, self.region, self.keys[-1].public_key)
+
+    def key_for(self, round_id: int) -> KeySpan | None:
+        """The key valid for ``round_id`` (at most one is)."""
+        for span in self.keys:
+            if span.covers(round_id):
+                return span
+        return None
+
+
+def _refuse(detail: str) -> InvalidMessage:
+    return InvalidMessage("bad_record", detail)
+
+
 class TrustStore:
-    """Public keys of every identity, loaded from the ``trust.json`` that keygen writes."""
+    """Public keys of every identity: loaded from the ``trust.json`` that keygen writes, then
+    changed live by the operator's fleet records (:mod:`schemas.fleet`: :meth:`enrol`,
+    :meth:`revoke`, :meth:`rotate`).
+
+    An identity keeps the history of its keys: after a rotation its old key still verifies
+    messages of the rounds before the rotation's effective round, the new key those from it on
+    (:func:`open_envelope` checks the round). A revoked identity is gone for good: :meth:`get`,
+    ``in`` and :meth:`names` no longer see it, :meth:`state` does.
+
+    Every change replaces one immutable :class:`IdentityState` in one step, so readers on the
+    same event loop (or another thread) always see a whole state; :attr:`generation` counts the
+    changes (a service can recompute what depends on the fleet when it moves).
+    """
 
     def __init__(self, identities: dict[str, Identity]) -> None:
-        self._ids = dict(identities)
+        self._states: dict[str, IdentityState] = {
+            n: IdentityState(i.name, i.role, i.region, (KeySpan(i.public_key),))
+            for n, i in identities.items()
+        }
+        self._current: dict[str, Identity] = dict(identities)
+        self._owners: dict[bytes, str] = {
+            span.raw: n for n, st in self._states.items() for span in st.keys}
+        self.generation = 0
 
     def __contains__(self, name: str) -> bool:
-        return name in self._ids
+        return name in self._current
 
     def get(self, name: str) -> Identity | None:
-        return self._ids.get(name)
+        """The identity with its current key; None if unknown or revoked."""
+        return self._current.get(name)
+
+    def state(self, name: str) -> IdentityState | None:
+        """The identity's whole history, revoked or not."""
+        return self._states.get(name)
+
+    def states(self) -> list[IdentityState]:
+        """Every identity's state, revoked ones included, sorted by name."""
+        return sorted(list(self._states.values()), key=lambda st: st.name)
 
     def names(self, role: str | None = None, region: str | None = None) -> list[str]:
+        """Names of the identities in ``role`` / ``region`` that are not revoked."""
         return sorted(
-            n
-            for n, i in self._ids.items()
+            i.name
+            for i in list(self._current.values())
             if (role is None or i.role == role) and (region is None or i.region == region)
         )
 
+    def copy(self) -> TrustStore:
+        out = TrustStore({})
+        out._states, out._current = dict(self._states), dict(self._current)
+        out._owners = dict(self._owners)
+        out.generation = self.generation
+        return out
+
+    # -- changes (the fleet records of schemas/fleet.py) ---------------------------------------
+
+    def _set(self, st: IdentityState) -> None:
+        ident = st.identity
+        for span in st.keys:
+            self._owners[span.raw] = st.name
+        self._states[st.name] = st
+        if ident is None:
+            self._current.pop(st.name, None)
+        else:
+            self._current[st.name] = ident
+        self.generation += 1
+
+    def _agent(self, name: str) -> IdentityState | None:
+        st = self._states.get(name)
+        if st is not None and st.role != "agent":
+            raise _refuse(f"{name!r} is a {st.role}, not an agent: only agents change live "
+                          "(a region's or the global's key is rotated by a restart)")
+        if st is not None and st.revoked:
+            raise _refuse(f"{name!r} is revoked: enrol the device under a new id")
+        return st
+
+    def _check_region(self, region: str) -> None:
+        reg = self._current.get(region)
+        if reg is None or reg.role != "region":
+            raise _refuse(f"region {region!r} is not a region of the trust store")
+
+    def _check_new_key(self, key: Ed25519PublicKey, owner: str) -> None:
+        other = self._owners.get(_raw(key))
+        if other is not None and other != owner:
+            raise _refuse(f"this key already belongs to {other!r}")
+
+    def enrol(self, name: str, region: str, key: Ed25519PublicKey, *,
+              effective_round: int = 0) -> bool:
+        """Add the agent ``name`` of ``region`` with ``key``, valid from ``effective_round``.
+
+        Returns False (nothing changed) if it is already enrolled with this key in this region.
+
+        Raises:
+            InvalidMessage: ``bad_record``: the name is taken (another key: that is a rotate;
+                another region; a non-agent identity), revoked, or the region is unknown.
+        """
+        st = self._agent(name)
+        if st is not None:
+            if st.region == region and st.keys and st.keys[-1].raw == _raw(key):
+                return False
+            if st.region != region:
+                raise _refuse(f"{name!r} is already enrolled in {st.region}, not {region}")
+            raise _refuse(f"{name!r} is already enrolled with another key (use rotate)")
+        self._check_region(region)
+        self._check_new_key(key, name)
+        self._set(IdentityState(name, "agent", region, (KeySpan(key, effective_round),)))
+        return True
+
+    def revoke(self, name: str, *, region: str = "") -> bool:
+        """Revoke ``name`` from now on, for good (also a name never seen: it can then never be
+        enrolled). Returns False if it was revoked already.
+
+        Raises:
+            InvalidMessage: ``bad_record`` for a non-agent identity.
+        """
+        st = self._states.get(name)
+        if st is not None and st.role != "agent":
+            raise _refuse(f"{name!r} is a {st.role}, not an agent: it cannot be revoked live")
+        if st is not None and st.revoked:
+            return False
+        if st is None:
+            st = IdentityState(name, "agent", region, ())
+        self._set(replace(st, revoked=True))
+        return True
+
+    def rotate(self, name: str, key: Ed25519PublicKey, effective_round: int, *,
+               previous: Ed25519PublicKey | None = None, region: str = "") -> bool:
+        """Give ``name`` the new ``key`` for rounds >= ``effective_round``; its current key
+        stays valid only for the rounds before. ``previous`` (if given) must be that current
+        key; for a name not known yet (its enrol record compacted away) it is the key valid
+        before ``effective_round``. Returns False if this very rotation is already applied.
+
+        Raises:
+            InvalidMessage: ``bad_record``: unknown name without ``previous``, a revoked or
+                non-agent identity, ``previous`` not the current key, a key it had before, or
+                an effective round before the current key's own.
+        """
+        st = self._agent(name)
+        raw = _raw(key)
+        if st is None:
+            if previous is None:
+                raise _refuse(f"{name!r} is not enrolled: nothing to rotate")
+            self._check_region(region)
+            self._check_new_key(key, name)
+            self._check_new_key(previous, name)
+            if _raw(previous) == raw:
+                raise _refuse("the new key is the old key")
+            self._set(IdentityState(name, "agent", region, (
+                KeySpan(previous, 0, effective_round), KeySpan(key, effective_round))))
+            return True
+        if region and region != st.region:
+            raise _refuse(f"{name!r} is enrolled in {st.region}, not {region}")
+        cur = st.keys[-1] if st.keys else None
+        if cur is not None and cur.raw == raw and cur.valid_from == effective_round:
+            return False  # applied already (a replayed record)
+        if cur is None or (previous is not None and _raw(previous) != cur.raw):
+            raise _refuse(f"rotation of {name!r} replaces a key that is not its current one")
+        if any(span.raw == raw for span in st.keys):
+            raise _refuse(f"{name!r} had this key before: a rotation needs a new key")
+        self._check_new_key(key, name)
+        if effective_round < cur.valid_from:
+            raise _refuse(f"effective round {effective_round} is before round "
+                          f"{cur.valid_from}, from which the current key is valid")
+        keys = (*st.keys[:-1], replace(cur, valid_until=effective_round),
+                KeySpan(key, effective_round))
+        self._set(replace(st, keys=keys))
+        return True
+
+    # -- trust.json ----------------------------------------------------------------------------
+
     @classmethod
     def load(cls, path: Path) -> TrustStore:
+        """Read a ``trust.json``: ``{"identities": {name: {role, region, public_key}}}``, each
+        entry optionally with its key history (``keys``: ``[{public_key, from, until}]``) and
+        ``revoked`` (what :meth:`dump` writes after fleet changes)."""
         raw = json.loads(Path(path).read_text())
-        ids = {}
+        out = cls({})
         for name, entry in raw["identities"].items():
             key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(entry["public_key"]))
-            ids[name] = Identity(name, entry["role"], entry.get("region", ""), key)
-        return cls(ids)
+            spans = tuple(
+                KeySpan(Ed25519PublicKey.from_public_bytes(bytes.fromhex(k["public_key"])),
+                        int(k.get("from", 0)), k.get("until"))
+                for k in entry.get("keys", ())
+            ) or (KeySpan(key),)
+            out._set(IdentityState(name, entry["role"], entry.get("region", ""), spans,
+                                   bool(entry.get("revoked", False))))
+        out.generation = 0
+        return out
 
     def dump(self) -> dict[str, Any]:
-        return {
-            "identities": {
-                n: {"role": i.role, "region": i.region, "public_key": public_hex(i.public_key)}
-                for n, i in sorted(self._ids.items())
-            }
-        }
+        """The ``trust.json`` form (identities known only as revoked, without a key, are left
+        out: the fleet topic still has them)."""
+        out: dict[str, Any] = {}
+        for st in self.states():
+            if not st.keys:
+                continue
+            entry: dict[str, Any] = {"role": st.role, "region": st.region,
+                                     "public_key": st.keys[-1].raw.hex()}
+            if len(st.keys) > 1 or st.keys[0].valid_from:
+                entry["keys"] = [{"public_key": k.raw.hex(), "from": k.valid_from,
+                                  "until": k.valid_until} for k in st.keys]
+            if st.revoked:
+                entry["revoked"] = True
+            out[st.name] = entry
+        return {"identities": out}
 
 
 def public_hex(key: Ed25519PublicKey) -> str:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    return _raw(key).hex()
 
 
 def save_private_key(key: Ed25519PrivateKey, path: Path) -> None:
@@ -147,8 +376,11 @@ def open_envelope(data: bytes, kind: pb.Kind, trust: TrustStore, *, max_bytes: i
 
     Raises:
         InvalidMessage: with reason ``oversized``, ``malformed``, ``wrong_version``,
-            ``wrong_kind``, ``unsigned``, ``unknown_signer``, ``bad_signature`` (which includes a
-            message signed for another topic or federation) or ``sender_mismatch``.
+            ``wrong_kind``, ``unsigned``, ``unknown_signer``, ``revoked`` (the operator revoked
+            the signer), ``bad_signature`` (which includes a message signed for another topic
+            or federation), ``sender_mismatch`` or ``rotated_key`` (signed with a key of the
+            signer's that is not valid for the body's ``header.round``: the old key from a
+            rotation's effective round on, or the new key before it).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidMessage("malformed", f"expected bytes, got {type(data).__name__}")
@@ -170,17 +402,26 @@ def open_envelope(data: bytes, kind: pb.Kind, trust: TrustStore, *, max_bytes: i
         )
     if not env.signature:
         raise InvalidMessage("unsigned", f"message from {env.signer!r} carries no signature")
-    ident = trust.get(env.signer)
-    if ident is None:
+    state = trust.state(env.signer)
+    if state is None:
         raise InvalidMessage("unknown_signer", f"{env.signer!r} is not in the trust store")
-    try:
-        ident.public_key.verify(env.signature,
-                                signed_bytes(env.kind, env.signer, topic, env.body))
-    except InvalidSignature:
+    ident = state.identity
+    if ident is None:
+        raise InvalidMessage("revoked", f"{env.signer!r} was revoked by the operator")
+    signed = signed_bytes(env.kind, env.signer, topic, env.body)
+    span = None
+    for candidate in reversed(state.keys):  # the current key first
+        try:
+            candidate.public_key.verify(env.signature, signed)
+        except InvalidSignature:
+            continue
+        span = candidate
+        break
+    if span is None:
         raise InvalidMessage(
             "bad_signature", f"signature does not verify with {env.signer!r}'s key for topic "
             f"{topic!r}"
-        ) from None
+        )
     body = BODY_TYPES[kind]()
     try:
         body.ParseFromString(env.body)
@@ -193,6 +434,12 @@ def open_envelope(data: bytes, kind: pb.Kind, trust: TrustStore, *, max_bytes: i
     if body.header.schema_version != SCHEMA_VERSION:
         raise InvalidMessage(
             "wrong_version", f"body schema version {body.header.schema_version}"
+        )
+    if not span.covers(body.header.round):
+        until = "" if span.valid_until is None else f" to {span.valid_until - 1}"
+        raise InvalidMessage(
+            "rotated_key", f"{env.signer!r} signed round {body.header.round} with its key of "
+            f"rounds {span.valid_from}{until or ' on'}: not valid for that round"
         )
     return Opened(ident, body)
 
