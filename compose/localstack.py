@@ -41,7 +41,7 @@ from pathlib import Path
 
 from schemas.kafka import KafkaConn
 from schemas.mqtt import MAX_PACKET_BYTES
-from schemas.pki import KAFKA_CA, Pki, TlsFiles
+from schemas.pki import KAFKA_CA, Pki, TlsFiles, ca_file_name
 
 HOST = "127.0.0.1"
 MOSQUITTO_BIN = os.environ.get("FEDSTREAM_MOSQUITTO", shutil.which("mosquitto") or "/usr/sbin/mosquitto")
@@ -982,11 +982,12 @@ def _cmd_up(args) -> int:
             return 1
     regions = [f"region-{i}" for i in range(args.regions)]
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fedstream-stack-"))
-    stack = LocalStack(regions, workdir, kafka=not args.no_kafka, detach=True)
+    stack = LocalStack(regions, workdir, kafka=not args.no_kafka, detach=True, secure=args.secure)
     info = stack.start()
     if not args.no_topics and info.kafka_bootstrap:
         stack.create_topics()
     data = info.to_json()
+    data["secure"] = args.secure
     data["own_workdir"] = not args.workdir
     data["timings"] = stack.timings
     state.parent.mkdir(parents=True, exist_ok=True)
@@ -1023,15 +1024,22 @@ def _cmd_status(args) -> int:
         print(f"no state file {state}: stack is down")
         return 3
     info = _read_state(state)
+    secure = bool(json.loads(state.read_text()).get("secure"))
+    tls_dir = info.workdir / "pki" / "tls"  # the stack's own CAs and probe identities
     ok = True
     for region, (host, port) in info.mqtt.items():
         pid = info.pids.get(f"mosquitto:{region}")
-        up = pid is not None and _pid_alive(pid) and mqtt_ready(host, port)
+        probe = (TlsFiles(tls_dir / ca_file_name(region), tls_dir / f"probe-{region}.mqtt.crt",
+                          tls_dir / f"probe-{region}.key") if secure else None)
+        up = pid is not None and _pid_alive(pid) and mqtt_ready(host, port, tls=probe)
         ok &= up
         print(f"mosquitto {region:<12} {host}:{port:<6} pid {pid:<8} {'up' if up else 'DOWN'}")
     if info.kafka_bootstrap:
         pid = info.pids.get("kafka")
-        up = pid is not None and _pid_alive(pid) and kafka_ready(info.kafka_bootstrap)
+        admin = KafkaConn(info.kafka_bootstrap, TlsFiles(
+            tls_dir / ca_file_name(KAFKA_CA), tls_dir / "admin.kafka.crt", tls_dir / "admin.key")
+            if secure else None)
+        up = pid is not None and _pid_alive(pid) and kafka_ready(admin)
         ok &= up
         print(f"kafka     {'':<12} {info.kafka_bootstrap:<16} pid {pid:<8} {'up' if up else 'DOWN'}")
     print(f"workdir   {info.workdir}")
@@ -1048,6 +1056,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--workdir", default=None, help="data dir (kept on down); default: a temp dir")
     up.add_argument("--no-kafka", action="store_true")
     up.add_argument("--no-topics", action="store_true", help="don't create fedstream.partials/models")
+    up.add_argument("--secure", action="store_true",
+                    help="locked down: mutual TLS and ACLs on both brokers, with the stack's own "
+                    "CAs in WORKDIR/pki (docs/security.md)")
     down = sub.add_parser("down", help="stop what `up` started (by pid)")
     down.add_argument("--state", default=default_state)
     down.add_argument("--keep-data", action="store_true")

@@ -106,13 +106,57 @@ def write_certificates(out: Path, devices: dict[str, list[str]], pki: Pki | None
             (tls / ca_file_name(ca)).write_bytes(pki.ca_cert(ca).read_bytes())
 
 
+def rotate_global(keys: Path, effective_round: int, *, signing: bool = True,
+                  he: bool = True, secret_dir: Path | None = None) -> dict[str, str]:
+    """Rotate the global aggregator's signing key and/or the HE context of the deployment in
+    ``keys``, at a round boundary (docs/security.md: stop the services after a model version,
+    rotate, give every service its new public files, restart).
+
+    The new signing key signs the versions of rounds >= ``effective_round``; ``trust.json``
+    keeps the old key for the rounds before, so every earlier version stays verifiable. The
+    old secrets are kept beside the new ones as ``*.prev`` (mode 0600) until the operator
+    deletes them. On restart the global reissues the open round's task under the new HE
+    context. Returns a summary."""
+    keys = Path(keys)
+    out: dict[str, str] = {}
+    if signing:
+        trust = TrustStore.load(keys / "trust.json")
+        pem = keys / "identities" / f"{GLOBAL_ID}.pem"
+        new = Ed25519PrivateKey.generate()
+        trust.rotate(GLOBAL_ID, new.public_key(), effective_round, any_role=True)
+        pem.replace(pem.with_name(pem.name + ".prev"))
+        save_private_key(new, pem)
+        (keys / "trust.json").write_text(json.dumps(trust.dump(), indent=2))
+        out["global_key_from_round"] = str(effective_round)
+    if he:
+        secret, public = generate_keys()
+        sdir = Path(secret_dir) if secret_dir is not None else keys / "he"
+        for path, data in ((sdir / "secret.ctx", secret), (keys / "he" / "public.ctx", public)):
+            if path.exists():
+                path.replace(path.with_name(path.name + ".prev"))
+            path.write_bytes(data)
+        for secret_file in (sdir / "secret.ctx", sdir / "secret.ctx.prev"):
+            if secret_file.exists():
+                secret_file.chmod(0o600)
+        out["he_fingerprint"] = fingerprint(public)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="fedstream-keygen",
         description="Generate the HE contexts (public for edge/regional, secret for the global "
         "aggregator) and Ed25519 identities (global, operator, one per region, one per agent).",
     )
-    ap.add_argument("--out", type=Path, required=True, help="key directory to write")
+    ap.add_argument("--out", type=Path, help="key directory to write")
+    ap.add_argument("--rotate", type=Path, default=None, metavar="KEYS",
+                    help="instead: rotate the global's signing key and the HE context of the "
+                    "existing key directory KEYS at a round boundary (docs/security.md)")
+    ap.add_argument("--effective-round", type=int, default=None,
+                    help="with --rotate: the first round whose model version the new global "
+                    "key signs (the next round to run)")
+    ap.add_argument("--only", choices=("signing-key", "he"), default=None,
+                    help="with --rotate: rotate only this")
     ap.add_argument("--agents", type=int, default=12, help="number of edge agents agent-000... "
                     "(default 12)")
     ap.add_argument("--regions", type=int, default=3, help="number of regions (default 3)")
@@ -128,6 +172,19 @@ def main(argv: list[str] | None = None) -> None:
                     help="write the secret HE context here instead of OUT/he/ (keep it off the "
                     "volume that edge agents and regional aggregators mount)")
     args = ap.parse_args(argv)
+    if args.rotate is not None:
+        if args.effective_round is None or args.effective_round < 1:
+            ap.error("--rotate needs --effective-round N (N >= 1: the next round to run)")
+        try:
+            summary = rotate_global(args.rotate, args.effective_round,
+                                    signing=args.only in (None, "signing-key"),
+                                    he=args.only in (None, "he"), secret_dir=args.secret_out)
+        except (ValueError, OSError) as exc:
+            ap.error(str(exc))
+        print(json.dumps(summary, indent=2))
+        return
+    if args.out is None:
+        ap.error("--out is required (or --rotate KEYS)")
     if args.agents < 1 or args.regions < 1:
         ap.error("--agents and --regions must be at least 1")
     try:

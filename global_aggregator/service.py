@@ -203,8 +203,10 @@ class GlobalAggregator:
         if part.header.he_fingerprint != self.keys.he.fingerprint:
             raise InvalidMessage("wrong_fingerprint", "partial made with another HE context")
         for agent in part.agents:
-            a = self.keys.trust.get(agent)
-            if a is None or a.region != part.region:
+            # revoked ones included: the region verified the update before the revocation
+            # reached it (a revocation refuses a device's next update, not one already summed)
+            a = self.keys.trust.state(agent)
+            if a is None or a.role != "agent" or a.region != part.region:
                 raise InvalidMessage("unauthorized", f"{agent!r} is not an agent of {part.region}")
         return part
 
@@ -293,10 +295,30 @@ class GlobalAggregator:
         else:
             log.info("resuming from model v%d (round %d)", mv.header.model_version,
                      mv.provenance.round)
+            if not mv.final and mv.next_task.he_fingerprint != self.keys.he.fingerprint:
+                mv = await self._reissue(producer, mv)
         while not mv.final:
             mv = await self._one_round(producer, consumer, mv)
         log.info("final model v%d published", mv.header.model_version)
         self.done.set()
+
+    async def _reissue(self, producer: AIOKafkaProducer, mv: pb.ModelVersion) -> pb.ModelVersion:
+        """The HE context was rotated at this round boundary (``fedstream-keygen --rotate``):
+        publish the same model again as a new version whose task for the open round names the
+        new context. It carries that round in its header (the round the new keys start at)."""
+        r = mv.next_task.round
+        new = pb.ModelVersion()
+        new.CopyFrom(mv)
+        new.header.CopyFrom(header(GLOBAL_ID, r, mv.header.model_version + 1,
+                                   self.keys.he.fingerprint))
+        new.next_task.CopyFrom(self._task(r, new.header.model_version,
+                                          list(mv.quarantine.agents),
+                                          list(mv.next_task.suspected_agents)))
+        new.provenance.metrics["reissued_task"] = 1.0
+        await self._publish(producer, new, None)
+        log.warning("HE context rotated: round %d's task reissued as model v%d under context %s",
+                    r, new.header.model_version, self.keys.he.fingerprint[:16])
+        return new
 
     async def _one_round(self, producer, consumer, mv: pb.ModelVersion) -> pb.ModelVersion:
         task = mv.next_task

@@ -185,9 +185,9 @@ class TrustStore:
             self._current[st.name] = ident
         self.generation += 1
 
-    def _agent(self, name: str) -> IdentityState | None:
+    def _agent(self, name: str, any_role: bool = False) -> IdentityState | None:
         st = self._states.get(name)
-        if st is not None and st.role != "agent":
+        if st is not None and st.role != "agent" and not any_role:
             raise _refuse(f"{name!r} is a {st.role}, not an agent: only agents change live "
                           "(a region's or the global's key is rotated by a restart)")
         if st is not None and st.revoked:
@@ -244,7 +244,8 @@ class TrustStore:
         return True
 
     def rotate(self, name: str, key: Ed25519PublicKey, effective_round: int, *,
-               previous: Ed25519PublicKey | None = None, region: str = "") -> bool:
+               previous: Ed25519PublicKey | None = None, region: str = "",
+               any_role: bool = False) -> bool:
         """Give ``name`` the new ``key`` for rounds >= ``effective_round``; its current key
         stays valid only for the rounds before. ``previous`` (if given) must be that current
         key; for a name not known yet (its enrol record compacted away) it is the key valid
@@ -254,8 +255,12 @@ class TrustStore:
             InvalidMessage: ``bad_record``: unknown name without ``previous``, a revoked or
                 non-agent identity, ``previous`` not the current key, a key it had before, or
                 an effective round before the current key's own.
+
+        ``any_role``: also a service identity (the global's key, rotated by
+        ``fedstream-keygen --rotate`` at a round boundary, with a restart; fleet records never
+        set it).
         """
-        st = self._agent(name)
+        st = self._agent(name, any_role)
         raw = _raw(key)
         if st is None:
             if previous is None:

@@ -83,20 +83,19 @@ def test_a_service_with_another_identitys_files_refuses_to_start(tmp_path):
                     "--mqtt-key-file", str(other.key))
     assert edge.returncode == 2, edge.stderr
     assert "is 'dev-b''s certificate (agent), not 'dev-a''s" in edge.stderr
+    region, mine = kafka_tls(keys, "region-0"), kafka_tls(keys, "global")
+
+    def start_global(ca: Path, cert: Path, key: Path) -> subprocess.CompletedProcess:
+        return _run_cli("global_aggregator.cli", "--kafka", "127.0.0.1:1", "--keys", str(keys),
+                        "--project", str(ROOT / "examples" / "digits"), "--kafka-ca-file",
+                        str(ca), "--kafka-cert-file", str(cert), "--kafka-key-file", str(key))
+
     # the region's Kafka certificate given to the global
-    region = kafka_tls(keys, "region-0")
-    glob = _run_cli("global_aggregator.cli", "--kafka", "127.0.0.1:1", "--keys", str(keys),
-                    "--project", str(ROOT / "examples" / "digits"),
-                    "--kafka-ca-file", str(region.ca), "--kafka-cert-file", str(region.cert),
-                    "--kafka-key-file", str(region.key))
+    glob = start_global(region.ca, region.cert, region.key)
     assert glob.returncode == 2, glob.stderr
     assert "is 'region-0''s certificate (region), not 'global''s" in glob.stderr
-    # a certificate with its own key, but the key of another identity
-    mine = kafka_tls(keys, "global")
-    glob = _run_cli("global_aggregator.cli", "--kafka", "127.0.0.1:1", "--keys", str(keys),
-                    "--project", str(ROOT / "examples" / "digits"),
-                    "--kafka-ca-file", str(mine.ca), "--kafka-cert-file", str(mine.cert),
-                    "--kafka-key-file", str(region.key))
+    # its own certificate, but the key of another identity
+    glob = start_global(mine.ca, mine.cert, region.key)
     assert glob.returncode == 2 and "is not the key of" in glob.stderr, glob.stderr
     # half the TLS flags: a configuration error, not a silent plaintext connection
     half = _run_cli("regional_aggregator.cli", "--region", "region-0", "--mqtt", "127.0.0.1:1",
