@@ -29,3 +29,4 @@ bench: install
 	$(PY) bench/pipeline.py --json bench/results/pipeline.json
 	$(PY) bench/poison.py --json bench/results/poison.json
 	$(PY) bench/edge.py --json bench/results/edge.json
+	$(PY) bench/secure.py --json bench/results/secure.json
