@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # No-Docker local brokers: one Mosquitto per region + single-node KRaft Kafka, on 127.0.0.1.
-#   compose/local-stack.sh up [--regions N] [--workdir DIR]   start in the background, print ports
+#   compose/local-stack.sh up [--regions N] [--workdir DIR] [--secure]
+#                                                             start in the background, print ports
+#                                                             (--secure: mutual TLS + ACLs, CAs in WORKDIR/pki)
 #   compose/local-stack.sh status                              probe what `up` started
 #   compose/local-stack.sh down [--keep-data]                  stop exactly those pids
 # State (ports, pids, workdir): $FEDSTREAM_STACK_STATE (default: $TMPDIR/fedstream-stack.json).
