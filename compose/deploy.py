@@ -177,7 +177,7 @@ def issue_certs(keys: Path, regions: Sequence[str]) -> list[Path]:
     """The brokers' server certificates and the admin's client certificate, from the
     deployment's CAs (``keys/ca``: made by fedstream-keygen; never a new CA here)."""
     keys = Path(keys)
-    pki, tls = Pki(keys / "ca", keys / "tls"), keys / "tls"
+    pki = Pki(keys / "ca", keys / "tls")
     for ca in (KAFKA_CA, *regions):
         if not (keys / "ca" / f"{ca}.key").exists():
             raise ValueError(f"no CA {ca!r} in {keys}/ca: run fedstream-keygen --out {keys} with "
@@ -185,13 +185,11 @@ def issue_certs(keys: Path, regions: Sequence[str]) -> list[Path]:
     written: list[Path] = []
     for r in regions:
         cn = mqtt_broker_cn(r)
-        f = pki.issue_files(r, cn, "broker", tls / f"{cn}.key", tls / f"{cn}.mqtt.crt",
-                            hosts=mqtt_broker_hosts(r))
+        f = pki.issue(r, cn, "broker", "mqtt", hosts=mqtt_broker_hosts(r))
         written += [f.key, f.cert]
-    broker = pki.issue_files(KAFKA_CA, "kafka-broker", "broker", tls / "kafka-broker.key",
-                             tls / "kafka-broker.kafka.crt", hosts=KAFKA_HOSTS)
+    broker = pki.issue(KAFKA_CA, "kafka-broker", "broker", "kafka", hosts=KAFKA_HOSTS)
     write_private(keys / KAFKA_KEYSTORE, broker.key.read_bytes() + broker.cert.read_bytes())
-    admin = pki.issue_files(KAFKA_CA, "admin", "admin", tls / "admin.key", tls / "admin.kafka.crt")
+    admin = pki.issue(KAFKA_CA, "admin", "admin", "kafka")
     return [*written, broker.key, broker.cert, keys / KAFKA_KEYSTORE, admin.key, admin.cert]
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from schemas.kafka import KafkaConn
 from schemas.mqtt import MAX_PACKET_BYTES
-from schemas.pki import KAFKA_CA, Pki, TlsFiles, ca_file_name
+from schemas.pki import KAFKA_CA, Pki, TlsFiles, tls_paths
 
 HOST = "127.0.0.1"
 MOSQUITTO_BIN = os.environ.get("FEDSTREAM_MOSQUITTO", shutil.which("mosquitto") or "/usr/sbin/mosquitto")
@@ -635,11 +635,10 @@ class LocalStack:
     def _issue(self, ca: str, cn: str, role: str, kind: str, hosts: tuple[str, ...] = (),
                stem: str = "") -> TlsFiles:
         pki = self._pki()
-        stem = stem or cn
-        key, cert = pki.public_dir / f"{stem}.key", pki.public_dir / f"{stem}.{kind}.crt"
-        if cert.exists() and key.exists():
-            return TlsFiles(pki.ca_cert(ca), cert, key)
-        return pki.issue_files(ca, cn, role, key, cert, hosts=hosts)
+        files = tls_paths(pki.public_dir, stem or cn, kind, ca)
+        if files.cert.exists() and files.key.exists():
+            return files
+        return pki.issue(ca, cn, role, kind, stem=stem, hosts=hosts)
 
     def broker_tls(self, region: str | None = None) -> TlsFiles:
         """The server certificate of ``region``'s Mosquitto (issued by the region's CA), or of
@@ -1029,16 +1028,14 @@ def _cmd_status(args) -> int:
     ok = True
     for region, (host, port) in info.mqtt.items():
         pid = info.pids.get(f"mosquitto:{region}")
-        probe = (TlsFiles(tls_dir / ca_file_name(region), tls_dir / f"probe-{region}.mqtt.crt",
-                          tls_dir / f"probe-{region}.key") if secure else None)
+        probe = tls_paths(tls_dir, f"probe-{region}", "mqtt", region) if secure else None
         up = pid is not None and _pid_alive(pid) and mqtt_ready(host, port, tls=probe)
         ok &= up
         print(f"mosquitto {region:<12} {host}:{port:<6} pid {pid:<8} {'up' if up else 'DOWN'}")
     if info.kafka_bootstrap:
         pid = info.pids.get("kafka")
-        admin = KafkaConn(info.kafka_bootstrap, TlsFiles(
-            tls_dir / ca_file_name(KAFKA_CA), tls_dir / "admin.kafka.crt", tls_dir / "admin.key")
-            if secure else None)
+        admin = KafkaConn(info.kafka_bootstrap,
+                          tls_paths(tls_dir, "admin", "kafka", KAFKA_CA) if secure else None)
         up = pid is not None and _pid_alive(pid) and kafka_ready(admin)
         ok &= up
         print(f"kafka     {'':<12} {info.kafka_bootstrap:<16} pid {pid:<8} {'up' if up else 'DOWN'}")

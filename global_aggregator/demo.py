@@ -31,10 +31,8 @@ from compose.federation import Federation
 from compose.localstack import LocalStack
 from edge_agent.models import resolve
 from global_aggregator.consumer import model_versions
-from global_aggregator.keygen import CONSUMER_ID, write_keys
+from global_aggregator.keygen import write_keys
 from global_aggregator.plots import plot_rounds
-from schemas.kafka import KafkaConn
-from schemas.keyring import kafka_tls
 from schemas.pki import Pki
 from schemas.project import load_project
 from schemas.signing import TrustStore
@@ -103,9 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             edge_args=[] if project.table.server_eval else ["--report-eval"],
         )
         fed.start_all()
-        consumer = KafkaConn(fed.kafka, kafka_tls(keys, CONSUMER_ID) if secure else None)
-        history = asyncio.run(_follow(fed, consumer, TrustStore.load(keys / "trust.json"),
-                                      rounds, console))
+        history = asyncio.run(_follow(fed, TrustStore.load(keys / "trust.json"), rounds,
+                                      console))
     finally:
         with console.status("stopping every process the demo started"):
             if fed is not None:
@@ -130,7 +127,7 @@ def accuracy(metrics: dict) -> float:
     return float(metrics.get("server_accuracy", metrics.get("federated_accuracy", float("nan"))))
 
 
-async def _follow(fed: Federation, consumer: KafkaConn, trust: TrustStore, rounds: int,
+async def _follow(fed: Federation, trust: TrustStore, rounds: int,
                   console: Console) -> list[dict]:
     history: list[dict] = []
     columns = [TextColumn("[bold]round"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -138,7 +135,7 @@ async def _follow(fed: Federation, consumer: KafkaConn, trust: TrustStore, round
     t0 = time.time()
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("waiting for model v0", total=rounds)
-        async for v in model_versions(consumer, trust, namespace=fed.namespace,
+        async for v in model_versions(fed.consumer, trust, namespace=fed.namespace,
                                       idle_timeout_s=600):
             if v.version == 0:
                 progress.update(bar, description="v0 published; agents training round 1")

@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.he import fingerprint, generate_keys
-from schemas.keyring import GLOBAL_ID, OPERATOR_ID
+from schemas.keyring import GLOBAL_ID, OPERATOR_ID, tls_files
 from schemas.pki import KAFKA_CA, Pki, ca_file_name
 from schemas.project import check_device_id, contiguous_fleet, load_project
 from schemas.signing import Identity, TrustStore, save_private_key
@@ -91,7 +91,8 @@ def write_certificates(out: Path, devices: dict[str, list[str]], pki: Pki | None
     pki = pki if pki is not None else Pki(out / "ca", tls)
 
     def issue(ca: str, name: str, role: str, kind: str) -> None:
-        pki.issue_files(ca, name, role, tls / f"{name}.key", tls / f"{name}.{kind}.crt")
+        files = tls_files(out, name, kind, ca)
+        pki.issue_files(ca, name, role, files.key, files.cert)
 
     for name, role in ((GLOBAL_ID, "global"), (OPERATOR_ID, "operator"),
                        (CONSUMER_ID, "consumer")):

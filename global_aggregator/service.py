@@ -161,12 +161,13 @@ class GlobalAggregator:
 
     def _task(self, round_id: int, version: int, quarantined: list[str],
               suspects: list[str]) -> pb.RoundTask:
-        selected = select_agents(self.agents, self.s.clients_per_round, self.s.seed, round_id)
+        agents = self.agents  # the fleet at this round's start
+        selected = select_agents(agents, self.s.clients_per_round, self.s.seed, round_id)
         return pb.RoundTask(
             round=round_id, model_version=version, codec=codec_spec(self.codec_params),
             train=train_spec(self.train), deadline_unix=time.time() + self.s.deadline_s,
             min_participants=self.s.min_participants, he_fingerprint=self.keys.he.fingerprint,
-            seed=self.s.seed, selected_agents=selected if len(selected) < len(self.agents) else [],
+            seed=self.s.seed, selected_agents=selected if len(selected) < len(agents) else [],
             model_name=self.spec.factory, task_name=self.project.name,
             project_hash=self.project_hash,
             project_version=self.project.version,

@@ -23,7 +23,7 @@ from aiokafka.errors import (
 
 from schemas import fedstream_pb2 as pb
 from schemas.errors import InvalidMessage
-from schemas.pki import TlsFiles
+from schemas.pki import KAFKA_CA, TlsFiles, tls_paths
 from schemas.signing import TrustStore, open_model_version
 from schemas.topics import Topics
 
@@ -92,8 +92,8 @@ def kafka_conn_from_args(a: argparse.Namespace, keys_dir: Path, identity: str,
             raise ValueError("--kafka-plaintext and the --kafka-*-file flags exclude each other")
         return KafkaConn(a.kafka)
     if not any(files):
-        tls = Path(keys_dir) / "tls"
-        derived = (tls / "ca-kafka.crt", tls / f"{identity}.kafka.crt", tls / f"{identity}.key")
+        own = tls_paths(Path(keys_dir) / "tls", identity, "kafka", KAFKA_CA)
+        derived = (own.ca, own.cert, own.key)
         if not all(p.exists() for p in derived):
             return KafkaConn(a.kafka)
         files = derived

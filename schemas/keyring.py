@@ -29,7 +29,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.he import HEContext
-from schemas.pki import KAFKA_CA, TlsFiles, ca_file_name
+from schemas.pki import KAFKA_CA, TlsFiles, ca_file_name, tls_paths
 from schemas.signing import TrustStore, load_private_key
 
 GLOBAL_ID = "global"
@@ -40,8 +40,7 @@ OPERATOR_ID = "operator"
 def tls_files(keys_dir: Path, name: str, kind: str, ca: str) -> TlsFiles:
     """``name``'s TLS files in a key directory: ``kind`` "mqtt" (``ca`` = its region) or
     "kafka" (``ca`` = :data:`~schemas.pki.KAFKA_CA`)."""
-    tls = Path(keys_dir) / "tls"
-    return TlsFiles(tls / ca_file_name(ca), tls / f"{name}.{kind}.crt", tls / f"{name}.key")
+    return tls_paths(Path(keys_dir) / "tls", name, kind, ca)
 
 
 def kafka_tls(keys_dir: Path, name: str) -> TlsFiles:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -89,12 +90,7 @@ def _name(cn: str, role: str) -> x509.Name:
 
 def identity_of(cert: x509.Certificate) -> tuple[str, str]:
     """(CN, role) of a certificate fedstream issued."""
-    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    if len(cn) != 1 or len(ou) != 1:
-        raise PkiError(f"certificate subject {cert.subject.rfc4514_string()} names no single "
-                       "holder and role")
-    return str(cn[0].value), str(ou[0].value)
+    return identity_of_name(cert.subject)
 
 
 def make_csr(cn: str, role: str, key: ec.EllipticCurvePrivateKey) -> x509.CertificateSigningRequest:
@@ -199,6 +195,15 @@ def ca_file_name(ca: str) -> str:
     return f"ca-{ca}.crt"
 
 
+def tls_paths(tls_dir: Path, stem: str, kind: str, ca: str) -> TlsFiles:
+    """Where one identity's TLS files live in a ``tls/`` directory, the one naming convention:
+    ``<stem>.key`` (its key, shared by its certificates), ``<stem>.<kind>.crt`` (``kind``:
+    "mqtt" or "kafka") and the CA's ``ca-<ca>.crt``."""
+    tls_dir = Path(tls_dir)
+    return TlsFiles(tls_dir / ca_file_name(ca), tls_dir / f"{stem}.{kind}.crt",
+                    tls_dir / f"{stem}.key")
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """The three files of one TLS client or server: CA to trust, own certificate, own key."""
@@ -220,7 +225,7 @@ class TlsFiles:
                            "start each service with its own identity's files")
         try:
             cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base
+        except (ValueError, TypeError, InvalidSignature) as exc:
             raise PkiError(f"{self.cert} was not issued by the CA in {self.ca} ({exc or 'bad signature'})") from None
         key = load_key(self.key)
         if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
@@ -248,6 +253,13 @@ class Pki:
 
     def ca_cert(self, name: str) -> Path:
         return self.public_dir / ca_file_name(name)
+
+    def issue(self, ca: str, cn: str, role: str, kind: str, *, stem: str = "",
+              hosts: tuple[str, ...] = ()) -> TlsFiles:
+        """Issue ``cn`` its ``kind`` certificate into :attr:`public_dir`, named as
+        :func:`tls_paths` says (file stem ``stem``, default ``cn``)."""
+        files = tls_paths(self.public_dir, stem or cn, kind, ca)
+        return self.issue_files(ca, cn, role, files.key, files.cert, hosts=hosts)
 
     def issue_files(self, ca: str, cn: str, role: str, key_path: Path, cert_path: Path, *,
                     hosts: tuple[str, ...] = ()) -> TlsFiles:
