@@ -164,7 +164,7 @@ class GlobalAggregator:
         agents = self.agents  # the fleet at this round's start
         selected = select_agents(agents, self.s.clients_per_round, self.s.seed, round_id)
         return pb.RoundTask(
-            round=round_id, model_version=version, codec=codec_spec(self.codec_params),
+            round=round_id, model_version=version, codec=codec_spec(self.codec_params.for_round(self.s.seed, round_id)),
             train=train_spec(self.train), deadline_unix=time.time() + self.s.deadline_s,
             min_participants=self.s.min_participants, he_fingerprint=self.keys.he.fingerprint,
             seed=self.s.seed, selected_agents=selected if len(selected) < len(agents) else [],

@@ -104,6 +104,7 @@ class SimConfig:
     max_summands: int = _F.codec.max_summands
     weight_cap: int = _F.codec.weight_cap
     chunk_bytes: int = _F.codec.chunk_bytes
+    rotate: bool = _F.codec.rotate
     local: LocalTrainConfig = field(default_factory=LocalTrainConfig)
     strategy: str = _F.strategy
     server_lr: float | None = _F.server_lr
@@ -144,6 +145,7 @@ class SimConfig:
             weight_cap=self.weight_cap,
             encrypted=self.encrypted,
             chunk_bytes=self.chunk_bytes,
+            rotate=self.rotate,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,7 +158,7 @@ class SimConfig:
         return cls(
             rounds=fed.rounds, seed=fed.seed, encrypted=c.encrypted, bits=c.bits,
             clip_l2=c.clip_l2, clip_coord=c.clip_coord, max_summands=c.max_summands,
-            weight_cap=c.weight_cap, chunk_bytes=c.chunk_bytes,
+            weight_cap=c.weight_cap, chunk_bytes=c.chunk_bytes, rotate=c.rotate,
             local=LocalTrainConfig(**t.model_dump()),
             strategy=fed.strategy, server_lr=fed.server_lr, server_momentum=fed.server_momentum,
             b1=fed.b1, b2=fed.b2, tau=fed.tau, clients_per_round=fed.clients_per_round,
@@ -298,16 +300,18 @@ def simulate(
         from schemas.codec import Codec, update_seed
         from schemas.he import HEContext, generate_keys
 
-        cp = cfg.codec_params()
+        he_edge: HEContext | None = None
+        he_global: HEContext | None = None
         if cfg.encrypted:
             secret, public = keys if keys is not None else generate_keys()
-            edge_codec = Codec(cp, spec.num_params, HEContext.from_bytes(public))
-            global_codec = Codec(cp, spec.num_params, HEContext.from_bytes(secret))
-        else:
-            edge_codec = global_codec = Codec(cp, spec.num_params, None)
+            he_edge, he_global = HEContext.from_bytes(public), HEContext.from_bytes(secret)
 
     history: list[dict[str, Any]] = []
     for round_id in range(1, cfg.rounds + 1):
+        if not cfg.float_mode:
+            cp = cfg.codec_params().for_round(cfg.seed, round_id)
+            edge_codec = Codec(cp, spec.num_params, he_edge)
+            global_codec = Codec(cp, spec.num_params, he_global)
         t = dict.fromkeys(("train", "encode", "regional_sum", "global_decode", "server_step"), 0.0)
         sampled, delivering = sample_round(cfg, round_id)
         bytes_up = 0

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-summands", type=int, default=d.max_summands)
     g.add_argument("--weight-cap", type=int, default=d.weight_cap)
     g.add_argument("--chunk-bytes", type=int, default=d.chunk_bytes)
+    g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=d.rotate,
+                   help="randomized Hadamard rotation before quantization")
     g = p.add_argument_group("local training")
     g.add_argument("--local-optimizer", choices=OPTIMIZERS, default=d.local.optimizer)
     g.add_argument("--local-lr", type=float, default=d.local.lr)
@@ -86,7 +88,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         partition=a.partition, alpha=a.alpha, seed=a.seed, encrypted=not (a.plaintext or a.float),
         float_mode=a.float, bits=a.bits, clip_l2=a.clip_l2, clip_coord=a.clip_coord,
         max_summands=a.max_summands, weight_cap=a.weight_cap, chunk_bytes=a.chunk_bytes,
-        local=LocalTrainConfig(optimizer=a.local_optimizer, lr=a.local_lr, epochs=a.local_epochs,
+        rotate=a.rotate, local=LocalTrainConfig(optimizer=a.local_optimizer, lr=a.local_lr, epochs=a.local_epochs,
                                batch_size=a.batch_size, prox_mu=a.prox_mu),
         strategy=a.strategy, server_lr=a.server_lr, server_momentum=a.server_momentum, b1=a.b1,
         b2=a.b2, tau=a.tau, clients_per_round=a.clients_per_round, dropout=a.dropout,
@@ -102,6 +104,7 @@ FEDERATION_FLAGS = {
     "bits": ("codec", "bits"), "clip_l2": ("codec", "clip_l2"),
     "clip_coord": ("codec", "clip_coord"), "max_summands": ("codec", "max_summands"),
     "weight_cap": ("codec", "weight_cap"), "chunk_bytes": ("codec", "chunk_bytes"),
+    "rotate": ("codec", "rotate"),
     "local_optimizer": ("train", "optimizer"), "local_lr": ("train", "lr"),
     "local_epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"),
     "prox_mu": ("train", "prox_mu"),

@@ -33,7 +33,6 @@ from schemas.errors import BoundsExceeded, InvalidMessage, Reason
 from schemas.framing import DTYPES, MODE_CKKS, MODE_PLAIN, VERSION, Framer
 from schemas.he import HEContext
 from schemas.plan import (  # noqa: F401 - re-exported: the codec's public names
-    MAX_LANES,
     CodecParams,
     Plan,
     coarse_weight,
@@ -42,6 +41,7 @@ from schemas.plan import (  # noqa: F401 - re-exported: the codec's public names
     plan_plain,
     update_seed,
 )
+from schemas.rotation import Rotation
 
 
 class Codec:
@@ -73,7 +73,9 @@ class Codec:
         self.scale = params.scale
         digest_src = repr((VERSION, params.bits, float(params.clip_l2), float(params.clip_coord),
                            params.max_summands, params.weight_cap, params.encrypted,
-                           params.chunk_bytes, self.num_params)).encode()
+                           params.chunk_bytes, self.num_params)
+                          + ((params.rotation_seed,) if params.rotate else ())).encode()
+        self.rotation = Rotation(self.num_params, params.rotation_seed) if params.rotate else None
         self.framer = Framer(mode=self.mode, plan=self.plan, num_params=self.num_params,
                              max_summands=params.max_summands,
                              digest=hashlib.sha256(digest_src).digest()[:8], fingerprint=fp)
@@ -91,25 +93,35 @@ class Codec:
         return coarse_weight(num_samples, self.params.weight_cap)
 
     def quantize_update(self, delta: np.ndarray, num_samples: int, seed: int) -> np.ndarray:
-        """``clip(delta) * weight / cap``, stochastically quantized (int64)."""
+        """``clip(rotate(clip_l2(delta))) * weight / cap``, stochastically quantized (int64).
+
+        The L2 clip comes before the rotation (which keeps norms), the per-coordinate clip
+        after it, on the spread-out values.
+        """
         x = quantize.check_finite(delta)
         if x.shape[0] != self.num_params:
             raise InvalidMessage(Reason.WRONG_NUM_PARAMS,
                                  f"delta has {x.shape[0]} values, codec has {self.num_params}")
         w = self.weight(num_samples)
         p = self.params
+        if self.rotation is not None:
+            x = self.rotation.forward(quantize.clip(x, p.clip_l2, np.inf))
         x = quantize.clip(x, p.clip_l2, p.clip_coord)
         if w != p.weight_cap:
             x *= w / p.weight_cap
         return quantize.quantize(x, self.scale, p.bits, seed)
 
     def average(self, qsum: np.ndarray, weight_sum: int) -> np.ndarray:
-        """Weighted FedAvg delta (float32): ``qsum * scale * weight_cap / weight_sum``."""
+        """Weighted FedAvg delta (float32): ``qsum * scale * weight_cap / weight_sum``, rotated
+        back when the round rotates."""
         if weight_sum <= 0:
             raise InvalidMessage(Reason.ZERO_WEIGHT,
                                  f"weight sum must be positive, got {weight_sum}")
         factor = self.scale * self.params.weight_cap / float(weight_sum)
-        return (np.asarray(qsum, dtype=np.float64) * factor).astype(np.float32)
+        avg = np.asarray(qsum, dtype=np.float64) * factor
+        if self.rotation is not None:
+            avg = self.rotation.inverse(avg)
+        return avg.astype(np.float32)
 
     # ------------------------------------------------------------------ encode
 
@@ -290,5 +302,5 @@ class Codec:
         return packing.unpack(ints[1:], plan.lanes, plan.lane_bits, self.num_params), int(ints[0])
 
 
-__all__ = ["DTYPES", "MAX_LANES", "Accumulator", "Codec", "CodecParams", "Plan", "coarse_weight",
+__all__ = ["DTYPES", "Accumulator", "Codec", "CodecParams", "Plan", "coarse_weight",
            "plan_ckks", "plan_plain", "update_seed"]

@@ -57,7 +57,7 @@ class Header(_message.Message):
     def __init__(self, schema_version: _Optional[int] = ..., sender: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., he_fingerprint: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
 
 class CodecSpec(_message.Message):
-    __slots__ = ("bits", "clip_l2", "clip_coord", "max_summands", "weight_cap", "encrypted", "chunk_bytes")
+    __slots__ = ("bits", "clip_l2", "clip_coord", "max_summands", "weight_cap", "encrypted", "chunk_bytes", "rotate", "rotation_seed")
     BITS_FIELD_NUMBER: _ClassVar[int]
     CLIP_L2_FIELD_NUMBER: _ClassVar[int]
     CLIP_COORD_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,8 @@ class CodecSpec(_message.Message):
     WEIGHT_CAP_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTED_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROTATE_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_SEED_FIELD_NUMBER: _ClassVar[int]
     bits: int
     clip_l2: float
     clip_coord: float
@@ -72,7 +74,9 @@ class CodecSpec(_message.Message):
     weight_cap: int
     encrypted: bool
     chunk_bytes: int
-    def __init__(self, bits: _Optional[int] = ..., clip_l2: _Optional[float] = ..., clip_coord: _Optional[float] = ..., max_summands: _Optional[int] = ..., weight_cap: _Optional[int] = ..., encrypted: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    rotate: bool
+    rotation_seed: int
+    def __init__(self, bits: _Optional[int] = ..., clip_l2: _Optional[float] = ..., clip_coord: _Optional[float] = ..., max_summands: _Optional[int] = ..., weight_cap: _Optional[int] = ..., encrypted: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., rotate: _Optional[bool] = ..., rotation_seed: _Optional[int] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
     __slots__ = ("optimizer", "lr", "epochs", "batch_size", "prox_mu")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -35,7 +35,8 @@ MAX_NOISE_STD = 1.0 / 16.0
 #: The planner keeps a bound on every coefficient below q0 / (2 * 1.1).
 OVERFLOW_MARGIN = 1.1
 MAX_HE_SCALE = 2.0**30
-MAX_LANES = 4
+#: Largest packed magnitude: decoded reals are doubles, exact integers only below 2**53.
+MAX_PACKED = 2**52
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class CodecParams:
     weight_cap: int = 1024
     encrypted: bool = True
     chunk_bytes: int = 1 << 20
+    rotate: bool = True
+    rotation_seed: int = 0
 
     def __post_init__(self) -> None:
         def bad(detail: str) -> InvalidMessage:
@@ -72,11 +75,24 @@ class CodecParams:
             raise bad(f"chunk_bytes must be in 4096..2**30, got {self.chunk_bytes}")
         if not isinstance(self.encrypted, bool):
             raise bad(f"encrypted must be a bool, got {self.encrypted!r}")
+        if not isinstance(self.rotate, bool):
+            raise bad(f"rotate must be a bool, got {self.rotate!r}")
+        if isinstance(self.rotation_seed, bool) \
+                or not isinstance(self.rotation_seed, (int, np.integer)) \
+                or not 0 <= self.rotation_seed < 2**64:
+            raise bad(f"rotation_seed must be in 0..2**64-1, got {self.rotation_seed!r}")
 
     @property
     def scale(self) -> float:
         """Quantization step: ``clip_coord / (2**(bits-1) - 1)``."""
         return self.clip_coord / quantize.qmax(self.bits)
+
+    def for_round(self, base_seed: int, round_id: int) -> CodecParams:
+        """These parameters with the round's rotation seed (a fresh rotation every round, so
+        quantization errors do not pile up on the same directions round after round)."""
+        h = hashlib.sha256(f"fedstream/rotation-seed/v1|{int(base_seed)}|{int(round_id)}"
+                           .encode()).digest()
+        return replace(self, rotation_seed=int.from_bytes(h[:8], "big"))
 
 
 @dataclass(frozen=True)
@@ -106,25 +122,35 @@ def update_seed(base_seed: int, round_id: int, agent_id: str) -> int:
 
 
 def plan_ckks(params: CodecParams, num_params: int, q0: int, slots: int) -> Plan:
-    """Choose lanes and CKKS scale so any sum of ``max_summands`` updates decodes exactly.
+    """Choose the most lanes (and a CKKS scale) with which any sum of ``max_summands``
+    updates still decodes exactly.
+
+    No fixed cap: the lane count is the largest ``L`` (from ``MAX_PACKED``'s ``53 // width``
+    down) whose plan meets both bounds, the overflow bound
+    ``coefficient_bound * scale <= q0 / (2 * OVERFLOW_MARGIN)`` and the noise bound
+    ``NOISE_AT_UNIT_SCALE * sqrt(S) / scale <= MAX_NOISE_STD``.
 
     Raises:
-        InvalidMessage("unsummable_plan"): no lane count satisfies both the overflow bound
-            ``sqrt(2) * Vmax * scale <= q0 / (2 * 1.25)`` and the noise bound
-            ``800 * sqrt(S) / scale <= 1/16``.
+        InvalidMessage("unsummable_plan"): not even one lane per real meets both.
     """
     s = params.max_summands
     width = packing.lane_bits(params.bits, s)
     reals_per_ct = 2 * slots
     min_scale = NOISE_AT_UNIT_SCALE * math.sqrt(s) / MAX_NOISE_STD
-    for lanes in range(MAX_LANES, 0, -1):
+    for lanes in range(MAX_PACKED.bit_length() // width + 1, 0, -1):
         vmax = max(packing.packed_max(params.bits, s, lanes, width), s * params.weight_cap)
+        if vmax >= MAX_PACKED:
+            continue
         bound = coefficient_bound(params, lanes, width, reals_per_ct)
-        max_scale = min(q0 / (2 * OVERFLOW_MARGIN * bound), MAX_HE_SCALE)
+        # SEAL's encoder also refuses ONE plaintext with a coefficient of 2**(bits(q0)-2) or
+        # more ("encoded values are too large"): binding only for a single summand
+        one = coefficient_bound(replace(params, max_summands=1), lanes, width, reals_per_ct)
+        max_scale = min(q0 / (2 * OVERFLOW_MARGIN * bound), 2.0 ** (q0.bit_length() - 2) / one,
+                        MAX_HE_SCALE)
         if max_scale < 1:
             continue
         he_scale = 2.0 ** (math.floor(4 * math.log2(max_scale)) / 4)   # quarter-bit grid
-        if he_scale >= min_scale and vmax < 2**52:
+        if he_scale >= min_scale:
             break
     else:
         raise InvalidMessage(

@@ -43,8 +43,12 @@ class CodecSettings(BaseModel):
         "broker's limit (AWS IoT Core: 128 KB, Azure IoT Hub: 256 KB)",
     )
     encrypted: bool = Field(_C.encrypted, description="CKKS-encrypt updates (off: trusted deployments)")
+    rotate: bool = Field(
+        _C.rotate, description="randomly rotate (randomized Hadamard) each update before "
+        "quantization, so few bits lose little; the server undoes it")
 
     def params(self) -> CodecParams:
+        """The codec parameters (rotation seed 0: see :meth:`CodecParams.for_round`)."""
         return CodecParams(**self.model_dump())
 
 

@@ -81,7 +81,8 @@ def test_exact_sum_with_every_value_at_the_clip_bound(keys, encrypted):
     # Prepare: clip_l2 large enough that all 1M coordinates sit at +-clip_coord, weights at the
     # cap: every lane sum reaches 64 * 127 (the planner falls back to 2 lanes for this round)
     sk, pk = keys
-    params = CodecParams(encrypted=encrypted, clip_l2=0.05 * np.sqrt(N_BIG))
+    params = CodecParams(encrypted=encrypted, clip_l2=0.05 * np.sqrt(N_BIG), bits=8,
+                         rotate=False)
     enc = Codec(params, N_BIG, pk if encrypted else None)
     dec = Codec(params, N_BIG, sk if encrypted else None)
     sign = np.where(np.arange(N_BIG) % 3 == 0, -1.0, 1.0)
@@ -100,11 +101,12 @@ def test_exact_sum_with_every_value_at_the_clip_bound(keys, encrypted):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("encrypted", [True, False])
-def test_exact_sum_at_the_l2_bound_with_the_default_plan(keys, encrypted):
-    # Prepare: the default 3-lane plan; each agent puts its whole L2 budget (400 values at
-    # +-clip_coord) on the same top lanes of ciphertext 0, weights at the cap
+def test_exact_sum_at_the_l2_bound_of_the_8bit_plan(keys, encrypted):
+    # Prepare: the 8-bit/64 3-lane plan (which needs the L2 bound); each agent puts its whole
+    # L2 budget (400 values at +-clip_coord) on the same top lanes of ciphertext 0, weights at
+    # the cap
     sk, pk = keys
-    params = CodecParams(encrypted=encrypted)
+    params = CodecParams(encrypted=encrypted, bits=8, rotate=False)
     enc = Codec(params, N_BIG, pk if encrypted else None)
     dec = Codec(params, N_BIG, sk if encrypted else None)
     delta = np.zeros(N_BIG)
@@ -122,12 +124,14 @@ def test_exact_sum_at_the_l2_bound_with_the_default_plan(keys, encrypted):
     assert w == AGENTS * params.weight_cap
 
 
-@pytest.mark.parametrize("encrypted", [True, False])
-def test_average_matches_independent_fedavg(keys, encrypted):
+@pytest.mark.parametrize("encrypted,rotate", [(True, True), (True, False), (False, True)])
+def test_average_matches_independent_fedavg(keys, encrypted, rotate):
     # Prepare
+    from scipy.linalg import hadamard
+
     sk, pk = keys
-    n, agents = 50_000, 16
-    params = CodecParams(encrypted=encrypted)
+    n, agents = 3_000, 16
+    params = CodecParams(encrypted=encrypted, rotate=rotate, rotation_seed=77)
     enc = Codec(params, n, pk if encrypted else None)
     dec = Codec(params, n, sk if encrypted else None)
     rng = np.random.default_rng(9)
@@ -142,10 +146,109 @@ def test_average_matches_independent_fedavg(keys, encrypted):
     qsum, wsum = dec.decode(acc.payloads())
     avg = dec.average(qsum, wsum)
 
-    # Assert
+    # Assert: FedAvg in the rotated basis, rotated back with dense Hadamard matrices
     assert avg.dtype == np.float32
     weights = [coarse_weight(s, params.weight_cap) for s in samples]
-    np.testing.assert_allclose(avg, _fedavg(enc, qs, weights), rtol=0, atol=1e-6)
+    expected = _fedavg(enc, qs, weights)
+    if rotate:
+        b, s0, s1 = 2048, *enc.rotation.signs
+        h = hadamard(b) / np.sqrt(b)
+        expected[n - b:] = h @ expected[n - b:]
+        expected = expected * s1
+        expected[:b] = h @ expected[:b]
+        expected = expected * s0
+    np.testing.assert_allclose(avg, expected, rtol=0, atol=1e-6)
+
+
+def _plans():
+    """Every (bits, summands) of a grid the planner accepts, with its lanes."""
+    from schemas.plan import plan_ckks
+
+    sk, _ = generate_keys()
+    seal = HEContext.from_bytes(sk).seal
+    out = []
+    for bits in (2, 3, 4, 5, 6, 7, 8, 10, 12, 16):
+        for s in (1, 2, 5, 16, 64):
+            params = CodecParams(bits=bits, max_summands=s, rotate=False,
+                                 clip_l2=1e6)           # per-coordinate bound only
+            try:
+                out.append((bits, s, plan_ckks(params, 10, seal.q0, seal.slots).lanes))
+            except InvalidMessage:
+                pass
+    return out
+
+
+@pytest.mark.slow
+def test_every_plan_decodes_exactly_with_every_value_at_its_bound(keys):
+    # Prepare: for each accepted plan, S updates of one full ciphertext, every value at +-qmax
+    # with the same sign in every update (each lane sum at +-S*qmax), weights at the cap
+    sk, pk = keys
+    plans = _plans()
+    assert len(plans) >= 40 and max(lanes for *_, lanes in plans) >= 8
+    for bits, s, lanes in plans:
+        params = CodecParams(bits=bits, max_summands=s, rotate=False, clip_l2=1e6)
+        enc, dec = Codec(params, 4096 * lanes - lanes, pk), Codec(params, 4096 * lanes - lanes, sk)
+        assert (enc.plan.lanes, enc.num_chunks) == (lanes, 1)
+        qmax = 2 ** (bits - 1) - 1
+        sign = np.where(np.arange(enc.num_params) % 7 < 3, -1, 1)
+        acc = enc.accumulator()
+        for i in range(s):
+            q = sign * qmax if i % 4 else sign * (qmax - (np.arange(enc.num_params) % 2))
+            acc.add_payloads(enc.encode_quantized(q, params.weight_cap))
+
+        # Execute
+        out, w = dec.decode(acc.payloads())
+
+        # Assert
+        expected = sign * qmax * s - sign * (np.arange(enc.num_params) % 2) * len(range(0, s, 4))
+        assert np.array_equal(out, expected), (bits, s, lanes)
+        assert w == s * params.weight_cap
+
+
+def test_planner_packs_as_many_lanes_as_exact_decoding_allows(keys):
+    # Execute
+    plan = {(b, s): Codec(CodecParams(bits=b, max_summands=s), N_BIG, keys[1]).plan
+            for b, s in [(4, 16), (5, 32), (3, 16), (2, 16)]}
+
+    # Assert: five 8-bit lanes where four 10-bit lanes fit, no fixed cap
+    assert (plan[4, 16].lanes, plan[4, 16].lane_bits) == (5, 8)
+    assert (plan[5, 32].lanes, plan[5, 32].lane_bits) == (4, 10)
+    assert plan[3, 16].lanes == 6 and plan[2, 16].lanes == 7
+
+
+def test_planner_refuses_just_past_the_ceiling(keys):
+    # Prepare: the largest summand count the planner accepts for 16-bit values
+    from schemas.plan import (
+        MAX_NOISE_STD,
+        NOISE_AT_UNIT_SCALE,
+        OVERFLOW_MARGIN,
+        coefficient_bound,
+        plan_ckks,
+    )
+
+    seal = keys[1].seal
+    lo, hi = 1, 2**31 - 1
+
+    def ok(s: int) -> bool:
+        try:
+            plan_ckks(CodecParams(bits=16, max_summands=s), 100, seal.q0, seal.slots)
+            return True
+        except InvalidMessage as e:
+            assert e.reason == "unsummable_plan"
+            return False
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+
+    # Execute
+    params = CodecParams(bits=16, max_summands=lo)
+    plan = plan_ckks(params, 100, seal.q0, seal.slots)
+
+    # Assert: accepted at the ceiling, inside both bounds; refused one past it
+    assert ok(lo) and not ok(lo + 1)
+    assert NOISE_AT_UNIT_SCALE * np.sqrt(lo) / plan.he_scale <= MAX_NOISE_STD
+    bound = coefficient_bound(params, plan.lanes, plan.lane_bits, plan.reals_per_ct)
+    assert bound * plan.he_scale <= seal.q0 / (2 * OVERFLOW_MARGIN)
 
 
 def test_planner_refuses_a_plan_over_the_limit(keys):
