@@ -7,7 +7,13 @@ updates/s), decode throughput (Mparams/s) and the max abs error of the decoded s
 ideal sum (float64 sum of the float32 deltas for float32/ckks_naive, the exact integer sum of the
 quantized updates for int8_zstd/fedstream).
 
-Usage: ``python bench/codec.py --params 1000000 --json out/codec.json`` (also writes a PNG).
+Then a sweep of the fedstream plan over bits {2, 3, 4, 5, 6, 8} x max_summands {16, 64}
+(``--sweep-updates`` updates each, all decoded exactly), ``schemes.fedstream_min``: the smallest
+plan whose bit width costs at most one accuracy point against float32 FedAvg according to
+``bench/simulate.py``'s bit-width sweep (``--accuracy``, its JSON), and ``ct_size_options``: what
+the ring and the serialization do to one ciphertext's bytes per parameter.
+
+Usage: ``python bench/codec.py --params 1000000 --json out/codec.json`` (also writes two PNGs).
 """
 
 from __future__ import annotations
@@ -80,12 +86,11 @@ def bench_codec(deltas: list[np.ndarray], enc: Codec, dec: Codec) -> dict:
     def add():
         acc = enc.accumulator()
         for chunks in ups:
-            for c in chunks:
-                acc.add(c)
+            acc.add_payloads(chunks)
         return acc.payloads()
     total, t_add = _timed(add)
     (out, w), t_dec = _timed(lambda: dec.decode(total))
-    assert w == sum(min(s, enc.params.weight_cap) for s in samples)
+    assert w == sum(enc.weight(s) for s in samples)
     row = _row(sum(map(len, ups[0])), n, len(deltas), t_enc, t_add, t_dec,
                float(np.abs(out - qsum).max()))
     row["exact"] = bool(np.array_equal(out, qsum))
@@ -105,6 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--max-summands", type=int, default=64)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--sweep-updates", type=int, default=4, help="updates per sweep point")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the bits x summands sweep")
+    ap.add_argument("--accuracy", type=Path, default=Path("bench/results/simulate.json"),
+                    help="bench/simulate.py's JSON (accuracy cost per bit width)")
     args = ap.parse_args(argv)
 
     rng = np.random.default_rng(0)
@@ -140,12 +149,73 @@ def main(argv: list[str] | None = None) -> dict:
                    "ckks_naive": "poly 8192, coeff [60,40,40], scale 2^40, 1 float/slot",
                    "ratios": "fedstream / ckks_naive (bytes: ckks_naive / fedstream)"},
     }
+    if not args.no_sweep:
+        result["sweep"] = sweep(deltas[:args.sweep_updates], pk, sk)
+        result["schemes"]["fedstream_min"] = smallest_within_goal(result["sweep"], args.accuracy)
+        result["ct_size_options"] = ct_size_options(pk)
     _print(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
         _plot(result, args.json.with_suffix(".png"))
+        if "sweep" in result:
+            _plot_sweep(result, args.json.with_name(args.json.stem + "_sweep.png"))
     return result
+
+
+SWEEP_BITS = (2, 3, 4, 5, 6, 8)
+SWEEP_SUMMANDS = (16, 64)
+GOAL_POINTS = 1.0
+
+
+def sweep(deltas: list[np.ndarray], pk: HEContext, sk: HEContext) -> list[dict]:
+    """The encrypted codec at every (bits, max_summands): bytes, throughput, exactness."""
+    from rich.progress import track
+    n, rows = deltas[0].size, []
+    grid = [(b, s) for b in SWEEP_BITS for s in SWEEP_SUMMANDS]
+    for b, s in track(grid, description="bits x summands sweep"):
+        p = CodecParams(bits=b, max_summands=s)
+        enc = Codec(p, n, pk)
+        row = bench_codec(deltas, enc, Codec(p, n, sk))
+        rows.append({"bits": b, "max_summands": s, "lanes": enc.plan.lanes,
+                     "lane_bits": enc.plan.lane_bits, **row})
+    return rows
+
+
+def smallest_within_goal(rows: list[dict], accuracy: Path) -> dict:
+    """The sweep point with the fewest bytes among bit widths within the accuracy goal."""
+    try:
+        costs = json.loads(accuracy.read_text())["bits_sweep"]["rotated_cost_points"]
+    except (OSError, KeyError, ValueError):
+        print(f"warning: no bit-width accuracy in {accuracy}; choosing among bits >= 4")
+        costs = {}
+    ok = [r for r in rows if (costs[str(r["bits"])] <= GOAL_POINTS if costs else r["bits"] >= 4)]
+    best = min(ok, key=lambda r: r["bytes_per_param"])
+    cost = costs.get(str(best["bits"])) if costs else None
+    return {**best, "accuracy_cost_points": cost}
+
+
+def ct_size_options(pk: HEContext) -> list[dict]:
+    """Bytes per parameter of the 4-bit / 16-summand plan under each ring or serialization."""
+    from schemas.plan import plan_ckks
+    p = CodecParams(bits=4, max_summands=16)
+    out = []
+    for name, he in (("N=4096 [60,49], SEAL format (used)", pk),
+                     ("N=8192 [60,49], SEAL format",
+                      HEContext.from_bytes(generate_keys(8192, (60, 49))[1]))):
+        seal = he.seal
+        plan = plan_ckks(p, 1_000_000, seal.q0, seal.slots)
+        ct = seal.save(seal.encrypt([0j] * seal.slots, plan.he_scale))
+        out.append({"option": name, "ct_bytes": len(ct), "reals_per_ct": plan.reals_per_ct,
+                    "lanes": plan.lanes, "bytes_per_param": len(ct) / plan.reals_per_ct /
+                    plan.lanes})
+    used = out[0]
+    q_bits = pk.seal.q0.bit_length()
+    packed = used["ct_bytes"] - 2 * used["reals_per_ct"] * 8 + 2 * used["reals_per_ct"] * q_bits / 8
+    out.append({"option": f"N=4096, coefficients bit-packed to {q_bits} bits (estimate)",
+                "ct_bytes": packed, "reals_per_ct": used["reals_per_ct"], "lanes": used["lanes"],
+                "bytes_per_param": packed / used["reals_per_ct"] / used["lanes"]})
+    return out
 
 
 def _print(result: dict) -> None:
@@ -165,7 +235,27 @@ def _print(result: dict) -> None:
     t.add_row("fedstream vs ckks_naive", f"{r['bytes_per_param']:.1f}x smaller",
               f"{r['encode']:.1f}x", f"{r['add']:.1f}x", f"{r['decode']:.1f}x", "exact" if
               result["schemes"]["fedstream"].get("exact") else "NOT EXACT")
-    Console(width=150).print(t)
+    console = Console(width=150)
+    console.print(t)
+    if "sweep" in result:
+        st = Table(title="fedstream plans: bits x max_summands (bytes/param, throughput, exact)")
+        for col in ("bits", "summands", "lanes x bits", *cols[:4], "exact"):
+            st.add_column(col, justify="right")
+        for r in result["sweep"]:
+            st.add_row(str(r["bits"]), str(r["max_summands"]), f"{r['lanes']} x {r['lane_bits']}",
+                       *(f"{r[c]:.4g}" for c in cols[:4]), str(r["exact"]))
+        console.print(st)
+        m = result["schemes"]["fedstream_min"]
+        console.print(f"fedstream_min: {m['bits']}-bit / {m['max_summands']} summands, "
+                      f"{m['bytes_per_param']:.3f} bytes/param, accuracy cost "
+                      f"{m['accuracy_cost_points']} points")
+        ot = Table(title="one ciphertext, 4-bit / 16-summand plan")
+        for col in ("option", "ct_bytes", "lanes", "bytes_per_param"):
+            ot.add_column(col)
+        for o in result["ct_size_options"]:
+            ot.add_row(o["option"], f"{o['ct_bytes']:.0f}", str(o["lanes"]),
+                       f"{o['bytes_per_param']:.3f}")
+        console.print(ot)
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -177,11 +267,31 @@ def _plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(16, 4))
     for ax, m in zip(axes, metrics):
         vals = [result["schemes"][n][m] for n in names]
-        ax.bar(names, vals, color=["#888", "#6a6", "#c66", "#36c"])
+        ax.bar(names, vals, color=["#888", "#6a6", "#c66", "#36c", "#1a8"])
         ax.set_yscale("log")
         ax.set_title(m)
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(f"update codec, {result['config']['params']:,} params")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_sweep(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in SWEEP_SUMMANDS:
+        rows = [r for r in result["sweep"] if r["max_summands"] == s]
+        ax.plot([r["bits"] for r in rows], [r["bytes_per_param"] for r in rows], "o-",
+                label=f"{s} summands")
+    ax.axhline(4.0, color="k", lw=1, label="float32 (plaintext)")
+    ax.axhline(3.0, color="r", lw=1, ls=":", label="goal: 3 bytes")
+    m = result["schemes"]["fedstream_min"]
+    ax.plot([m["bits"]], [m["bytes_per_param"]], "r*", ms=14, label="fedstream_min")
+    ax.set_xlabel("bits per value")
+    ax.set_ylabel("encrypted bytes per parameter")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -128,10 +128,7 @@ class GlobalAggregator:
         self.spec = project_spec(self.project)
         self.model_hash = model_hash(self.spec)
         self.codec_params = settings.codec.params()
-        # the round task's project hash: the model definition and the codec plan, fixed per run
-        plan = Codec(self.codec_params, self.spec.num_params,
-                     self.keys.he if self.codec_params.encrypted else None)
-        self.project_hash = task_hash(self.project.name, self.model_hash, plan.framer.digest)
+        self._round_codec(0)  # refuses an unsummable plan before anything starts
         self.train = LocalTrainConfig(**settings.train.model_dump())
         self.opt = make_server_optimizer(settings.strategy, lr=settings.server_lr,
                                          momentum=settings.server_momentum, b1=settings.b1,
@@ -159,17 +156,24 @@ class GlobalAggregator:
 
     # -- pure-ish helpers ------------------------------------------------------------------
 
+    def _round_codec(self, round_id: int) -> Codec:
+        """The codec of a round: the federation's parameters with the round's rotation seed.
+        The round task's project hash names the model definition and this codec's plan."""
+        return Codec(self.codec_params.for_round(self.s.seed, round_id), self.spec.num_params,
+                     self.keys.he if self.codec_params.encrypted else None)
+
     def _task(self, round_id: int, version: int, quarantined: list[str],
               suspects: list[str]) -> pb.RoundTask:
         agents = self.agents  # the fleet at this round's start
         selected = select_agents(agents, self.s.clients_per_round, self.s.seed, round_id)
+        codec = self._round_codec(round_id)
         return pb.RoundTask(
-            round=round_id, model_version=version, codec=codec_spec(self.codec_params.for_round(self.s.seed, round_id)),
+            round=round_id, model_version=version, codec=codec_spec(codec.params),
             train=train_spec(self.train), deadline_unix=time.time() + self.s.deadline_s,
             min_participants=self.s.min_participants, he_fingerprint=self.keys.he.fingerprint,
             seed=self.s.seed, selected_agents=selected if len(selected) < len(agents) else [],
             model_name=self.spec.factory, task_name=self.project.name,
-            project_hash=self.project_hash,
+            project_hash=task_hash(self.project.name, self.model_hash, codec.framer.digest),
             project_version=self.project.version,
             quarantined_agents=sorted(quarantined), min_group=self.s.min_group,
             suspected_agents=sorted(suspects),

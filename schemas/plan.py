@@ -43,7 +43,7 @@ MAX_PACKED = 2**52
 class CodecParams:
     """Per-round codec parameters (they travel in the round task)."""
 
-    bits: int = 8
+    bits: int = 3                # the smallest width within 1 accuracy point (bench/simulate.py)
     clip_l2: float = 1.0
     clip_coord: float = 0.05
     max_summands: int = 64

@@ -47,6 +47,8 @@ from tests.e2e.helpers import (
 AGENTS, REGIONS = 8, 2
 THIEF = "agent-005"          # region-1: agent-004 .. agent-007
 THIEF_REGION = "region-1"
+#: The attacks are written against the 8-bit / 64-summand plan (14-bit lanes, two 70 kB chunks).
+CODEC = {"bits": 8, "max_summands": 64}
 
 
 class StolenDevice:
@@ -182,7 +184,9 @@ def run_attack(stack, tmp_path, namespace: str, on_round, *, rounds: int = 2,
     """
     fed = make_federation(stack.mqtt, stack.kafka_bootstrap, tmp_path, namespace,
                           agents=AGENTS, regions=REGIONS, rounds=rounds, deadline_s=deadline_s,
-                          extra_global=["--linger-s", "120", *extra_global],
+                          extra_global=["--linger-s", "120", "--codec.bits", str(CODEC["bits"]),
+                                        "--codec.max-summands", str(CODEC["max_summands"]),
+                                        *extra_global],
                           extra_regional=list(extra_regional))
     ports = {name: with_metrics(fed, name) for name in ("region-0", "region-1", "global")}
     device = StolenDevice(fed, on_round)
@@ -227,7 +231,7 @@ def assert_matches_simulation(outcome: Outcome, rounds: int) -> None:
     for v in outcome.versions[1:]:
         counted = {a for agents in v.participants.values() for a in agents}
         excluded[v.round] = frozenset(every - counted)
-    sim = simulate_federation(outcome.fed, rounds, excluded=excluded)
+    sim = simulate_federation(outcome.fed, rounds, excluded=excluded, **CODEC)
     for v, h in zip(outcome.versions[1:], sim.history, strict=True):
         assert sum(len(a) for a in v.participants.values()) == h["participants"]
     assert outcome.versions[-1].params.tobytes() == \

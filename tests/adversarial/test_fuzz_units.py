@@ -27,7 +27,7 @@ TOPIC = "fz/region-0/updates/agent-000"
 @pytest.fixture(scope="module")
 def world():
     secret, public = generate_keys()
-    params = CodecParams(encrypted=True, chunk_bytes=70_000)
+    params = CodecParams(encrypted=True, chunk_bytes=70_000, bits=8)
     edge = Codec(params, N_PARAMS, HEContext.from_bytes(public))
     glob = Codec(params, N_PARAMS, HEContext.from_bytes(secret))
     key = Ed25519PrivateKey.generate()

@@ -142,8 +142,9 @@ def test_own_project_trains_end_to_end_and_refuses_what_does_not_fit(stack, tmp_
     cfg = replace(project_config(project, FLEET), rounds=ROUNDS, federated_eval=False)
     task = versions[0].message.next_task
     he = HEContext.from_bytes((keys / "he" / "public.ctx").read_bytes())
-    codec = Codec(cfg.codec_params(), project_spec(project).num_params, he)
-    assert task.codec == codec_spec(cfg.codec_params())
+    round_params = cfg.codec_params().for_round(cfg.seed, task.round)
+    codec = Codec(round_params, project_spec(project).num_params, he)
+    assert task.codec == codec_spec(round_params)
     assert (task.train.optimizer, task.train.lr, task.train.epochs, task.train.batch_size) == (
         cfg.local.optimizer, cfg.local.lr, cfg.local.epochs, cfg.local.batch_size)
     assert task.seed == cfg.seed and task.task_name == "iot-anomaly"

@@ -262,14 +262,13 @@ def test_planner_refuses_a_plan_over_the_limit(keys):
     assert e.value.reason == "unsummable_plan"
 
 
-def test_default_plan_packs_three_lanes_in_both_halves(keys):
+def test_default_plan_packs_four_lanes_in_both_halves(keys):
     # Execute
     plan = Codec(CodecParams(), N_BIG, keys[1]).plan
 
-    # Assert
-    assert (plan.lanes, plan.lane_bits, plan.values_per_ct) == (3, 14, 12288)
-    assert plan.he_scale >= 2.0**18.5
-    assert plan.num_chunks == 6
+    # Assert: 3-bit values, 64 summands: 9-bit lanes, 4 per real, 2 reals per slot
+    assert (plan.lanes, plan.lane_bits, plan.values_per_ct) == (4, 9, 16384)
+    assert plan.num_chunks == 5
 
 
 def test_payload_size_is_under_six_bytes_per_param(keys):
@@ -300,7 +299,7 @@ def test_public_context_cannot_decrypt(keys):
 def small(keys):
     """A 3-chunk encrypted codec over 30,000 params and one encoded update."""
     sk, pk = keys
-    params = CodecParams(chunk_bytes=2 * 65_800 + 1024)     # 2 ciphertexts per chunk
+    params = CodecParams(chunk_bytes=2 * 65_800 + 1024, bits=8)  # 2 ciphertexts a chunk
     enc, dec = Codec(params, 30_000, pk), Codec(params, 30_000, sk)
     chunks = enc.encode(np.random.default_rng(0).normal(0, 0.01, 30_000), 50, 3)
     return enc, dec, chunks

@@ -327,7 +327,8 @@ def test_plaintext_region_applies_a_robust_rule_that_the_global_averages_back():
     # Prepare: a trusted plaintext region, 5 agents, one sending every value at the clip bound
     from regional_aggregator.robust import make_rule
 
-    codec = Codec(CodecParams(encrypted=False, clip_l2=100.0, clip_coord=0.05, rotate=False), 6)
+    codec = Codec(CodecParams(encrypted=False, clip_l2=100.0, clip_coord=0.05, rotate=False,
+                              bits=8), 6)
     honest = [np.array([1, 2, 3, 0, -1, 5]), np.array([2, 2, 4, 1, -1, 4]),
               np.array([1, 3, 3, 0, 0, 6]), np.array([3, 1, 2, 1, -2, 5])]
     evil = np.full(6, 127)
