@@ -37,6 +37,8 @@ class Federation:
         admin: how to reach Kafka as its administrator (topics, ACLs); plaintext if None.
         own_keys: processes that bring their own key directory (a device enrolled with
             ``fedstream-device init`` and ``fedstream-fleet enrol``).
+        replicas: region -> replica names: that region is served by several regional
+            aggregators (``--replica``), processes ``<region>@<replica>``.
         secure: run locked down (brokers with mutual TLS and ACLs, e.g. ``LocalStack(secure=
             True)``): every service gets a key directory of its own holding only its own
             secrets (:func:`schemas.keyring.export_identity`) and its TLS flags, and
@@ -59,6 +61,17 @@ class Federation:
     admin: KafkaConn | None = None
     secure: bool = False
     own_keys: dict[str, Path] = field(default_factory=dict)
+    replicas: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def aggregators(self) -> list[str]:
+        """The regional aggregators' process names: a region, or its replicas."""
+        return [f"{r}@{x}" for r in self.fleet for x in self.replicas[r]] if self.replicas \
+            else list(self.fleet)
+
+    def _identity(self, name: str) -> str:
+        """The identity a process runs as (a replica runs as its region)."""
+        return name.partition("@")[0]
 
     @property
     def fleet_ids(self) -> list[str]:
@@ -76,6 +89,7 @@ class Federation:
 
     def keys_of(self, name: str) -> Path:
         """The key directory ``name`` runs with: in secure mode its own (only its secrets)."""
+        name = self._identity(name)
         if name in self.own_keys:
             return self.own_keys[name]
         if not self.secure:
@@ -109,11 +123,13 @@ class Federation:
             return [*py, "global_aggregator.cli", "--kafka", self.kafka, *common,
                     *self._tls_args(name, None), "--project", str(self.project),
                     *self.global_args, *extra]
-        if name in self.fleet:
-            host, port = self.mqtt[name]
-            return [*py, "regional_aggregator.cli", "--region", name, "--mqtt", f"{host}:{port}",
-                    "--kafka", self.kafka, *common, *self._tls_args(name, name),
-                    *self.regional_args, *extra]
+        region, _, replica = name.partition("@")
+        if region in self.fleet:
+            host, port = self.mqtt[region]
+            return [*py, "regional_aggregator.cli", "--region", region, "--mqtt",
+                    f"{host}:{port}", "--kafka", self.kafka, *common,
+                    *self._tls_args(region, region), *self.regional_args,
+                    *(["--replica", replica] if replica else []), *extra]
         region = next(r for r, agents in self.fleet.items() if name in agents)
         host, port = self.mqtt[region]
         data = [a for k, v in self.data.items() for a in ("--data", f"{k}={v}")]
@@ -136,9 +152,9 @@ class Federation:
         """Topics, then regional aggregators, then the global, then the edge agents (all but
         ``skip``: a test may run a process of its own in their place)."""
         self.prepare_kafka()
-        for region in self.fleet:
-            if region not in skip:
-                self.start(region)
+        for name in self.aggregators:
+            if name not in skip:
+                self.start(name)
         self.start("global")
         for agents in self.fleet.values():
             for agent in agents:

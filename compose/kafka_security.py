@@ -7,7 +7,10 @@ namespace ``ns`` (topics ``ns.partials``, ``ns.models``, ``ns.control``, ``ns.fl
 :func:`federation_acls` allows exactly what the services do:
 
 - a region ``r`` writes partials, in transactions under its own transactional id
-  ``ns-regional-r``, and reads the models and fleet topics (by assignment: no consumer group);
+  ``ns-regional-r`` (its replicas under ``ns-regional-r-<replica>``, a prefixed ACL ending in
+  ``-``), reads the models and fleet topics, and reads partials back (replicas learn what the
+  others committed; this shows a region the other regions' participant lists and encrypted sums,
+  never a clear update), all by assignment: no consumer group;
 - the global aggregator reads partials and control (by assignment, committing its position with
   each model version into the group ``ns-global``: group READ), writes and reads models, in
   transactions under ``ns-global``, and reads fleet;
@@ -22,7 +25,7 @@ Nobody else gets anything: a region cannot write models or use another identity'
 id, a consumer cannot read partials. DESCRIBE is listed next to READ/WRITE although Kafka implies
 it, so the table reads the same as the broker's ``describe``. Idempotent (non-transactional)
 producers need nothing more: since Kafka 3.0 a WRITE on any topic lets a principal get a
-producer id. Caveat of the one prefixed ACL: ``ns-consumer`` also matches the groups of a
+producer id. Caveat of the consumers' prefixed ACL: ``ns-consumer`` also matches the groups of a
 namespace ``ns-consumer<anything>``, so don't give two federations of one cluster namespaces where
 one is such a prefix of the other; and all streaming consumers share that group prefix.
 
@@ -124,9 +127,12 @@ def federation_acls(namespace: str, regions: Sequence[str], *, global_id: str = 
             acls.append(Acl(f"User:{who}", rtype, name, pattern, op))
 
     for region in regions:
-        allow(region, "topic", t.partials, "write", "describe")
+        # read: a region's replicas read back the batches committed before theirs
+        allow(region, "topic", t.partials, "write", "describe", "read")
         allow(region, "transactional_id", regional_transactional_id(namespace, region),
               "write", "describe")
+        allow(region, "transactional_id", regional_transactional_id(namespace, region) + "-",
+              "write", "describe", pattern="prefixed")  # its replicas: <id>-<replica>
         allow(region, "topic", t.models, "read", "describe")
         allow(region, "topic", t.fleet, "read", "describe")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import ctypes
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from schemas.cli import die_with_parent, terminate_child
 from schemas.kafka import KafkaConn
 from schemas.mqtt import MAX_PACKET_BYTES
 from schemas.pki import KAFKA_CA, Pki, TlsFiles, tls_paths
@@ -123,14 +123,7 @@ def _cmdline(pid: int) -> str:
 def terminate_pid(pid: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
     """SIGTERM, wait up to `timeout`, then SIGKILL. Only ever called with pids we started."""
     if proc is not None:
-        if proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        terminate_child(proc, timeout)
         return
     if not _pid_alive(pid):
         return
@@ -152,15 +145,7 @@ def terminate_pid(pid: int, timeout: float = 10.0, proc: subprocess.Popen | None
         time.sleep(0.05)
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except Exception:
-        pass
+_die_with_parent = die_with_parent
 
 
 def _spawn(cmd: list[str], log: Path, *, detach: bool, env: Mapping[str, str] | None = None) -> subprocess.Popen:

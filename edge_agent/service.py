@@ -19,6 +19,7 @@ deadline), and the device carries on.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -52,6 +53,14 @@ log = logging.getLogger("fedstream.edge")
 SERVICE = "edge"
 
 
+def pareto_delay(scale: float, alpha: float, seed: int, round_id: int, device: str) -> float:
+    """A Pareto (Lomax) delay in seconds, ``scale * (U ** (-1 / alpha) - 1)``, from a
+    generator keyed by (seed, round, device): heavy-tailed, reproducible."""
+    h = hashlib.sha256(f"fedstream/delay/v1|{seed}|{round_id}|{device}".encode()).digest()
+    u = np.random.default_rng(int.from_bytes(h[:8], "big")).random()
+    return float(scale * ((1.0 - u) ** (-1.0 / max(alpha, 1e-3)) - 1.0))
+
+
 class EdgeSettings(ServiceSettings, MqttClient):
     """fedstream-edge-agent: one device of the fleet. Trains the project's model on this
     device's own data when a round task arrives (the region's retained MQTT model topic),
@@ -77,6 +86,10 @@ class EdgeSettings(ServiceSettings, MqttClient):
         "beside its encrypted update (off: only ciphertext and a coarse weight leave)")
     straggle_s: float = Field(0.0, ge=0, description="testing: wait this long before "
                               "publishing each update (a slow device)")
+    delay: str = Field(
+        "", pattern=r"^$|^pareto:[0-9.]+:[0-9.]+$", description="benchmarks: before publishing "
+        "each update, also wait a heavy-tailed time, pareto:SCALE:ALPHA (seconds; drawn per "
+        "device and round from the federation seed, so runs compare like for like)")
     compile_cache: str = Field(
         str(Path.home() / ".cache" / "fedstream" / "xla"),
         description="keep the compiled training step here, so that every start after the first "
@@ -186,6 +199,10 @@ class EdgeAgent:
             return
         if self.s.straggle_s:
             await asyncio.sleep(self.s.straggle_s)
+        if self.s.delay:
+            _, scale, alpha = self.s.delay.split(":")
+            await asyncio.sleep(pareto_delay(float(scale), float(alpha), task.seed, task.round,
+                                             self.s.agent_id))
         self.pending[task.round] = chunks
         for raw in chunks:
             self.mqtt.publish(self.t.update(self.region, self.s.agent_id), raw)

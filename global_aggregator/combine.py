@@ -56,6 +56,8 @@ class RoundResult:
     weight_sum: int
     participants: dict[str, list[str]]
     excluded: list[Excluded] = field(default_factory=list)
+    #: FedBuff: region -> (agent, base round, multiplicity) of every update that counted
+    updates: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
 
     @property
     def num_participants(self) -> int:
@@ -66,34 +68,56 @@ class RoundResult:
 class _Group:
     agents: list[str]
     weights: list[int]
+    multiplicities: list[int]
+    base_rounds: list[int]
     chunks: dict[int, Chunk] = field(default_factory=dict)
     acc: Accumulator | None = None
 
     @property
     def weight(self) -> int:
-        return sum(self.weights)
+        return sum(w * m for w, m in zip(self.weights, self.multiplicities))
+
+    @property
+    def summands(self) -> int:
+        return sum(self.multiplicities)
+
+    @property
+    def keys(self) -> list[tuple[str, int]]:
+        return list(zip(self.agents, self.base_rounds))
 
 
 class GlobalRound:
     """The global tier's state for one round: group sums in, checked average out."""
 
-    def __init__(self, codec: Any, round_id: int, min_group: int = 1) -> None:
+    def __init__(self, codec: Any, round_id: int, min_group: int = 1,
+                 counted: Sequence[tuple[str, int]] = ()) -> None:
+        """``counted``: (agent, base round) already counted by earlier FedBuff steps, refused
+        here as they would be in the step that counted them."""
         if min_group < 1:
             raise ValueError("min_group must be at least 1")
         self.codec = codec
         self.round_id = round_id
         self.min_group = min_group
         self._num_chunks: int = codec.num_chunks
-        self._groups: dict[str, dict[int, _Group]] = {}
-        self._group_count: dict[str, int] = {}
-        self._owner: dict[str, tuple[str, int]] = {}   # agent -> (region, group)
+        self._groups: dict[str, dict[tuple[str, int], _Group]] = {}
+        self._group_count: dict[tuple[str, str], int] = {}  # (region, batch) -> its groups
+        # agent (FedBuff: agent and base round) -> (region, batch, group) that counted it
+        self._owner: dict[tuple[str, int], tuple[str, str, int]] = {
+            (a, int(b)): ("an earlier step", "", -1) for a, b in counted}
+        self.summands = 0  # of every group admitted so far (FedBuff steps watch the budget)
 
     def add_partial(self, region: str, group: int, group_count: int, chunk_index: int,
-                    payload: bytes, agents: Sequence[str], weights: Sequence[int]) -> bool:
-        """Verify and accept one chunk of one group of ``region``'s partial.
+                    payload: bytes, agents: Sequence[str], weights: Sequence[int],
+                    batch: str = "", multiplicities: Sequence[int] = (),
+                    base_rounds: Sequence[int] = ()) -> bool:
+        """Verify and accept one chunk of one group of ``region``'s partial (of its ``batch``,
+        for a region served by several replicas: each batch is a separate set of groups).
+        FedBuff groups give each agent's ``base_rounds`` (an agent may count once per base
+        round) and ``multiplicities`` (the group then holds ``sum(multiplicities)`` summands).
 
         Returns:
-            ``True`` if new, ``False`` for a duplicate ``(region, group, chunk)`` (ignored).
+            ``True`` if new, ``False`` for a duplicate ``(region, batch, group, chunk)``
+            (ignored).
 
         Raises:
             InvalidMessage: ``bad_group``, ``too_few_agents`` (below the privacy floor),
@@ -101,17 +125,22 @@ class GlobalRound:
                 agents), ``agent_in_two_regions`` (or in two groups), or any reason of
                 :func:`schemas.verify.verify_chunk`. A refused chunk changes no state.
         """
-        known_count = self._group_count.get(region)
+        known_count = self._group_count.get((region, batch))
         if not 1 <= group_count <= 1024 or not 0 <= group < group_count \
-                or (known_count is not None and known_count != group_count):
+                or (known_count is not None and known_count != group_count) \
+                or len(batch) > 64:
             raise InvalidMessage(Reason.BAD_GROUP, f"{region} sent group {group} of "
-                                 f"{group_count} (known count: {known_count})")
-        g = self._groups.get(region, {}).get(group)
+                                 f"{group_count} (known count: {known_count}) of batch "
+                                 f"{batch[:64]!r}")
+        g = self._groups.get(region, {}).get((batch, group))
         if g is not None and (g.acc is not None or chunk_index in g.chunks):
             return False
         agents = list(agents)
         weights = [int(w) for w in weights]
-        if len(agents) < self.min_group or len(set(agents)) != len(agents):
+        mult = [int(m) for m in multiplicities] or [1] * len(agents)
+        bases = [int(b) for b in base_rounds] or [0] * len(agents)
+        keys = list(zip(agents, bases))
+        if len(set(agents)) < self.min_group or len(set(keys)) != len(keys):
             raise InvalidMessage(Reason.TOO_FEW_AGENTS,
                                  f"{region} group {group} covers {len(set(agents))} distinct "
                                  f"agents, the privacy floor is {self.min_group}")
@@ -120,23 +149,33 @@ class GlobalRound:
             raise InvalidMessage(Reason.BAD_WEIGHT,
                                  f"{region} group {group}: weights {weights[:8]} do not match "
                                  f"its {len(agents)} agents or are not coarse weights <= {cap}")
-        order = sorted(range(len(agents)), key=agents.__getitem__)
+        if len(mult) != len(agents) or len(bases) != len(agents) \
+                or not all(1 <= m <= 64 for m in mult):
+            raise InvalidMessage(Reason.BAD_GROUP,
+                                 f"{region} group {group}: multiplicities {mult[:8]} or base "
+                                 f"rounds {bases[:8]} do not match its {len(agents)} agents")
+        order = sorted(range(len(agents)), key=keys.__getitem__)
         agents, weights = [agents[i] for i in order], [weights[i] for i in order]
-        if g is not None and (g.agents != agents or g.weights != weights):
+        mult, bases = [mult[i] for i in order], [bases[i] for i in order]
+        if g is not None and (g.agents != agents or g.weights != weights
+                              or g.multiplicities != mult or g.base_rounds != bases):
             raise InvalidMessage(Reason.AGENTS_MISMATCH,
                                  f"{region} group {group}'s chunks name different agents")
         if g is None:
-            for a in agents:
-                if a in self._owner:
+            for key in zip(agents, bases):
+                if key in self._owner:  # the first group to name an agent wins
                     raise InvalidMessage(Reason.AGENT_IN_TWO_REGIONS,
-                                         f"{a} in {self._owner[a]} and in ({region}, {group})")
-        chunk = verify_chunk(self.codec, payload, index=chunk_index, summands=len(agents),
-                             weight=sum(weights))
+                                         f"{key[0]} in {self._owner[key]} and in ({region}, "
+                                         f"{batch!r}, {group})")
+        chunk = verify_chunk(self.codec, payload, index=chunk_index, summands=sum(mult),
+                             weight=sum(w * m for w, m in zip(weights, mult)))
         if g is None:
-            g = self._groups.setdefault(region, {}).setdefault(group, _Group(agents, weights))
-            self._group_count[region] = group_count
-            for a in agents:
-                self._owner[a] = (region, group)
+            g = self._groups.setdefault(region, {}).setdefault(
+                (batch, group), _Group(agents, weights, mult, bases))
+            self._group_count[(region, batch)] = group_count
+            self.summands += g.summands
+            for key in zip(agents, bases):
+                self._owner[key] = (region, batch, group)
         g.chunks[chunk_index] = chunk
         if len(g.chunks) == self._num_chunks:
             g.acc = Accumulator(self.codec)
@@ -147,11 +186,15 @@ class GlobalRound:
     def _complete_groups(self, region: str) -> list[_Group]:
         return [g for _, g in sorted(self._groups.get(region, {}).items()) if g.acc is not None]
 
+    def batches_complete(self, region: str) -> bool:
+        """Whether every group of every batch seen from ``region`` is in."""
+        done = self._complete_groups(region)
+        return len(done) == sum(n for (r, _), n in self._group_count.items() if r == region)
+
     @property
     def complete_regions(self) -> list[str]:
-        """Sorted regions whose every group is in."""
-        return sorted(r for r, n in self._group_count.items()
-                      if len(self._complete_groups(r)) == n)
+        """Sorted regions whose every group (of every batch seen) is in."""
+        return sorted(r for r in {r for r, _ in self._group_count} if self.batches_complete(r))
 
     @property
     def participants(self) -> dict[str, list[str]]:
@@ -224,7 +267,10 @@ class GlobalRound:
                 excluded: list[Excluded]) -> RoundResult:
         avg = np.asarray(self.codec.average(qsum, weight), dtype=np.float32)
         participants = {r: sorted(a for g in gs for a in g.agents) for r, gs in kept.items()}
-        return RoundResult(avg, int(weight), participants, excluded)
+        updates = {r: sorted((a, b, m) for g in gs
+                             for a, b, m in zip(g.agents, g.base_rounds, g.multiplicities))
+                   for r, gs in kept.items()}
+        return RoundResult(avg, int(weight), participants, excluded, updates)
 
 
 def next_model(

@@ -46,6 +46,7 @@ from schemas import fedstream_pb2 as pb
 from schemas.cli import KafkaClient, ServiceSettings
 from schemas.codec import Codec
 from schemas.errors import InvalidMessage, Reason
+from schemas.fedbuff import FedBuff, check_budget
 from schemas.fleet import FleetFollower
 from schemas.kafka import (
     CLIENT_SIZES,
@@ -128,7 +129,10 @@ class GlobalAggregator:
         self.spec = project_spec(self.project)
         self.model_hash = model_hash(self.spec)
         self.codec_params = settings.codec.params()
-        self._round_codec(0)  # refuses an unsummable plan before anything starts
+        codec = self._round_codec(0)  # refuses an unsummable plan before anything starts
+        self.fedbuff = settings.fedbuff()
+        if self.fedbuff is not None:
+            check_budget(self.fedbuff, self.codec_params.max_summands, codec.num_chunks)
         self.train = LocalTrainConfig(**settings.train.model_dump())
         self.opt = make_server_optimizer(settings.strategy, lr=settings.server_lr,
                                          momentum=settings.server_momentum, b1=settings.b1,
@@ -157,9 +161,11 @@ class GlobalAggregator:
     # -- pure-ish helpers ------------------------------------------------------------------
 
     def _round_codec(self, round_id: int) -> Codec:
-        """The codec of a round: the federation's parameters with the round's rotation seed.
+        """The codec of a round: the federation's parameters with the round's rotation seed
+        (FedBuff: one rotation for the whole run, since a step sums updates of several rounds).
         The round task's project hash names the model definition and this codec's plan."""
-        return Codec(self.codec_params.for_round(self.s.seed, round_id), self.spec.num_params,
+        seed_round = 0 if self.s.mode == "fedbuff" else round_id
+        return Codec(self.codec_params.for_round(self.s.seed, seed_round), self.spec.num_params,
                      self.keys.he if self.codec_params.encrypted else None)
 
     def _task(self, round_id: int, version: int, quarantined: list[str],
@@ -177,6 +183,7 @@ class GlobalAggregator:
             project_version=self.project.version,
             quarantined_agents=sorted(quarantined), min_group=self.s.min_group,
             suspected_agents=sorted(suspects),
+            fedbuff=self.fedbuff.spec() if self.fedbuff is not None else None,
         )
 
     def _version(self, version: int, round_id: int, params: np.ndarray, opt_state_raw: bytes,
@@ -196,14 +203,16 @@ class GlobalAggregator:
                 [a for a in quarantine.strikes if a not in quarantine.agents]))
         return mv
 
-    def _check_partial(self, raw: bytes, round_id: int) -> pb.PartialChunk:
+    def _check_partial(self, raw: bytes, round_id: int, oldest: int | None = None
+                       ) -> pb.PartialChunk:
         part = open_envelope(raw, pb.PARTIAL_CHUNK, self.keys.trust,
                              max_bytes=MAX_MESSAGE_BYTES, topic=self.t.partials).body
         who = self.keys.trust.get(part.header.sender)
         if who is None or who.role != "region" or part.region != part.header.sender:
             raise InvalidMessage("unauthorized", f"{part.header.sender!r} is not a region")
-        if part.header.round != round_id:
-            raise InvalidMessage("late" if part.header.round < round_id else "wrong_round",
+        lo = round_id if oldest is None else oldest  # FedBuff: regions may lag a few versions
+        if not lo <= part.header.round <= round_id:
+            raise InvalidMessage("late" if part.header.round < lo else "wrong_round",
                                  f"partial for round {part.header.round}, global is on {round_id}")
         if part.header.he_fingerprint != self.keys.he.fingerprint:
             raise InvalidMessage("wrong_fingerprint", "partial made with another HE context")
@@ -277,13 +286,15 @@ class GlobalAggregator:
                     await asyncio.wait_for(client.stop(), 5)
 
     async def _publish(self, producer: AIOKafkaProducer, mv: pb.ModelVersion,
-                       consumer: AIOKafkaConsumer | None) -> bytes:
+                       consumer: AIOKafkaConsumer | None,
+                       offsets: dict[TopicPartition, int] | None = None) -> bytes:
         raw = seal(pb.MODEL_VERSION, mv, GLOBAL_ID, self.keys.private_key, topic=self.t.models)
         async with producer.transaction():
             await producer.send(self.t.models, raw, key=mv.model_name.encode())
             if consumer is not None and consumer.assignment():
-                offsets = {tp: await consumer.position(tp) for tp in consumer.assignment()}
-                await producer.send_offsets_to_transaction(offsets, self.s.group_id)
+                at = {tp: await consumer.position(tp) for tp in consumer.assignment()}
+                at.update(offsets or {})
+                await producer.send_offsets_to_transaction(at, self.s.group_id)
         BYTES.labels(SERVICE, "kafka_out").inc(len(raw))
         return raw
 
@@ -303,7 +314,10 @@ class GlobalAggregator:
             if not mv.final and mv.next_task.he_fingerprint != self.keys.he.fingerprint:
                 mv = await self._reissue(producer, mv)
         while not mv.final:
-            mv = await self._one_round(producer, consumer, mv)
+            if mv.next_task.HasField("fedbuff"):
+                mv = await self._one_step(producer, consumer, mv)
+            else:
+                mv = await self._one_round(producer, consumer, mv)
         log.info("final model v%d published", mv.header.model_version)
         self.done.set()
 
@@ -327,17 +341,16 @@ class GlobalAggregator:
 
     async def _one_round(self, producer, consumer, mv: pb.ModelVersion) -> pb.ModelVersion:
         task = mv.next_task
-        r, version = task.round, mv.header.model_version
+        r = task.round
         ROUND.labels(SERVICE).set(r)
         t0 = time.time()
-        params = np.frombuffer(mv.params, "<f4").copy()
-        state = state_from_bytes(self.opt, params, mv.optimizer_state)
         codec = Codec(codec_params(task.codec), mv.num_params,
                       self.keys.he if task.codec.encrypted else None)
         gr = GlobalRound(codec, r, min_group=max(self.s.min_group, task.min_group))
         eval_sums = pb.EvalSums()
         seen_eval: set[str] = set()
-        empty: set[str] = set()  # regions that reported "no partial this round"
+        empty: set[tuple[str, str]] = set()  # (region, batch) of partials without agents
+        marked: set[str] = set()  # regions whose round-closing batch arrived
         lifts: set[str] = set()  # agents an operator released from quarantine
         update_bytes = 0
         expected = set(self.regions)
@@ -347,24 +360,23 @@ class GlobalAggregator:
                 for rec in recs:
                     BYTES.labels(SERVICE, "kafka_in").inc(len(rec.value))
                     if tp.topic == self.t.control:
-                        try:
-                            lifts.update(open_control(rec.value, self.keys.trust,
-                                                         topic=self.t.control).agents)
-                        except InvalidMessage as exc:
-                            reject(SERVICE, exc, f"control record at offset {rec.offset}")
+                        self._on_control(rec, lifts)
                         continue
                     try:
                         part = self._check_partial(rec.value, r)
-                        if not part.agents and not part.payload:  # region had too few agents
-                            fresh = part.region not in empty
-                            empty.add(part.region)
+                        if not part.agents and not part.payload:  # too few agents, or only
+                            fresh = (part.region, part.batch) not in empty  # closes the round
+                            empty.add((part.region, part.batch))
                         else:
                             fresh = gr.add_partial(part.region, part.group, part.group_count,
                                                    part.header.chunk_index, part.payload,
-                                                   list(part.agents), list(part.weights))
+                                                   list(part.agents), list(part.weights),
+                                                   batch=part.batch)
                     except InvalidMessage as exc:
                         reject(SERVICE, exc, f"partial at offset {rec.offset}")
                         continue
+                    if part.region_complete:
+                        marked.add(part.region)
                     if not fresh:  # a redelivered chunk of a group already held
                         DUPLICATES.labels(SERVICE).inc()
                     else:
@@ -375,14 +387,114 @@ class GlobalAggregator:
                             eval_sums.accuracy_sum += part.eval.accuracy_sum
                             eval_sums.count += part.eval.count
                         update_bytes += part.update_bytes
-            complete = set(gr.complete_regions) | empty
+            complete = {region for region in marked if gr.batches_complete(region)}
             if complete >= expected:
                 break
             if time.time() > task.deadline_unix + self.s.grace_s:  # a round always ends
                 log.warning("round %d: deadline passed, closing with regions %s", r,
                             sorted(complete))
                 break
+        return await self._conclude(producer, consumer, mv, gr, eval_sums, lifts, update_bytes,
+                                    t0)
+
+    def _on_control(self, rec, lifts: set[str]) -> None:
+        """An operator's command (read in the same transaction as the partials)."""
+        try:
+            lifts.update(open_control(rec.value, self.keys.trust, topic=self.t.control).agents)
+        except InvalidMessage as exc:
+            reject(SERVICE, exc, f"control record at offset {rec.offset}")
+
+    async def _one_step(self, producer, consumer, mv: pb.ModelVersion) -> pb.ModelVersion:
+        """One FedBuff server step: read partials in topic order until ``buffer_size`` updates
+        (or a group that would overflow the codec's summand budget, or the deadline), then step
+        and publish, committing the partials position at the cut, so that a restart replays
+        exactly this step. Groups of any round in the staleness window count; an (agent, base
+        round) counted by an earlier step (``fedbuff_state``) is refused."""
+        task = mv.next_task
+        fb = FedBuff.from_task(task)
+        assert fb is not None
+        r = task.round
+        ROUND.labels(SERVICE).set(r)
+        t0 = time.time()
+        codec = Codec(codec_params(task.codec), mv.num_params,
+                      self.keys.he if task.codec.encrypted else None)
+        window = list(zip(mv.fedbuff_state.agents, mv.fedbuff_state.base_rounds))
+        gr = GlobalRound(codec, r, min_group=max(self.s.min_group, task.min_group),
+                         counted=window)
+        eval_sums, seen_eval = pb.EvalSums(), set()
+        lifts: set[str] = set()
+        update_bytes = updates = 0
+        ptp = TopicPartition(self.t.partials, 0)
+        cut: int | None = None
+        while cut is None:
+            batch = await consumer.getmany(timeout_ms=200)
+            for tp, recs in batch.items():
+                for rec in recs:
+                    if tp.topic == self.t.control:
+                        self._on_control(rec, lifts)
+                        continue
+                    if cut is not None:  # after the cut: the next step reads it again
+                        continue
+                    BYTES.labels(SERVICE, "kafka_in").inc(len(rec.value))
+                    try:
+                        part = self._check_partial(rec.value, r, oldest=r - fb.max_staleness)
+                        if not part.agents:  # declines only: nothing to add
+                            continue
+                        m = sum(part.multiplicities) or len(part.agents)
+                        if gr.summands and gr.summands + m > codec.params.max_summands:
+                            cut = rec.offset  # no room: this group opens the next step
+                            continue
+                        fresh = gr.add_partial(
+                            part.region, part.group, part.group_count, part.header.chunk_index,
+                            part.payload, list(part.agents), list(part.weights),
+                            batch=part.batch, multiplicities=list(part.multiplicities),
+                            base_rounds=list(part.base_rounds))
+                    except InvalidMessage as exc:
+                        reject(SERVICE, exc, f"partial at offset {rec.offset}")
+                        continue
+                    if not fresh:
+                        DUPLICATES.labels(SERVICE).inc()
+                        continue
+                    ACCEPTED.labels(SERVICE, "partial_chunk").inc()
+                    updates += len(part.agents)
+                    update_bytes += part.update_bytes
+                    if part.HasField("eval") and part.batch not in seen_eval:
+                        seen_eval.add(part.batch)
+                        eval_sums.loss_sum += part.eval.loss_sum
+                        eval_sums.accuracy_sum += part.eval.accuracy_sum
+                        eval_sums.count += part.eval.count
+                    if updates >= fb.buffer_size:
+                        cut = rec.offset + 1
+            if cut is None and time.time() > task.deadline_unix:  # a step always ends
+                log.info("FedBuff step %d: deadline with %d of %d updates", r, updates,
+                         fb.buffer_size)
+                break
+        at = cut if cut is not None else await consumer.position(ptp)
         result = gr.finish()
+        counted = [(a, b) for u in result.updates.values() for a, b, _ in u]
+        keep = r + 1 - 2 * fb.max_staleness  # older base rounds can no longer arrive
+        state = pb.FedBuffState(partials_offset=at)
+        for a, b in sorted({*window, *counted}):
+            if b >= keep:
+                state.agents.append(a)
+                state.base_rounds.append(b)
+        new = await self._conclude(producer, consumer, mv, gr, eval_sums, lifts, update_bytes,
+                                   t0, {ptp: at}, result=result, fedbuff_state=state)
+        consumer.seek(ptp, at)
+        return new
+
+    async def _conclude(self, producer, consumer, mv: pb.ModelVersion, gr: GlobalRound,
+                        eval_sums: pb.EvalSums, lifts: set[str], update_bytes: int, t0: float,
+                        offsets: dict[TopicPartition, int] | None = None,
+                        result: RoundResult | None = None,
+                        fedbuff_state: pb.FedBuffState | None = None) -> pb.ModelVersion:
+        """Decrypt the round's (or FedBuff step's) total, step the server optimizer and publish
+        the next version with the consumer offsets (``offsets``: explicit, else positions)."""
+        task = mv.next_task
+        r, version = task.round, mv.header.model_version
+        params = np.frombuffer(mv.params, "<f4").copy()
+        state = state_from_bytes(self.opt, params, mv.optimizer_state)
+        result = result if result is not None else gr.finish()
         n = result.num_participants
         metrics: dict[str, float] = {"participants": float(n), "update_bytes": float(update_bytes),
                                      "excluded_agents": float(sum(len(e.agents)
@@ -404,13 +516,20 @@ class GlobalAggregator:
             parent_version=version, round=r, codec=task.codec, strategy=self.s.strategy,
             created_unix=time.time(), metrics=metrics,
             participants=[pb.RegionParticipants(region=k, agents=v)
-                          for k, v in sorted(result.participants.items())],
+                          for k, v in sorted(result.participants.items())]
+            if self.fedbuff is None else
+            [pb.RegionParticipants(region=k, agents=[a for a, _, _ in u],
+                                   base_rounds=[b for _, b, _ in u],
+                                   multiplicities=[m for _, _, m in u])
+             for k, u in sorted(result.updates.items())],
             excluded=[pb.ExcludedGroup(region=e.region, agents=e.agents, reason=str(e.reason),
                                        detail=e.detail) for e in result.excluded],
         )
         new = self._version(version + 1, r, np.asarray(params, np.float32),
                             state_to_bytes(state), prov, quarantine)
-        raw = await self._publish(producer, new, consumer)
+        if fedbuff_state is not None:
+            new.fedbuff_state.CopyFrom(fedbuff_state)
+        raw = await self._publish(producer, new, consumer, offsets)
         ROUND_SECONDS.observe(time.time() - t0)
         self.history.append({"round": r, "version": version + 1, "bytes": len(raw), **metrics})
         log.info("round %d -> model v%d: %d participants%s", r, version + 1, n,

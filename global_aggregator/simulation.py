@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -116,6 +116,7 @@ class SimConfig:
     dropout: float = 0.0
     federated_eval: bool = True
     min_group: int = _F.min_group
+    min_participants: int = _F.min_participants
     excluded: dict[int, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -162,7 +163,7 @@ class SimConfig:
             local=LocalTrainConfig(**t.model_dump()),
             strategy=fed.strategy, server_lr=fed.server_lr, server_momentum=fed.server_momentum,
             b1=fed.b1, b2=fed.b2, tau=fed.tau, clients_per_round=fed.clients_per_round,
-            min_group=fed.min_group, **sim)
+            min_group=fed.min_group, min_participants=fed.min_participants, **sim)
 
 
 @dataclass
@@ -409,3 +410,46 @@ def rounds_to_reach(history: list[dict[str, Any]], target: float) -> int | None:
         if e.get("accuracy", float("-inf")) >= target:
             return int(e["round"])
     return None
+
+
+def replay_fedbuff(cfg: SimConfig, setup: SimSetup,
+                   steps: list[list[tuple[str, int, int]]]) -> list[np.ndarray]:
+    """Recompute a FedBuff run from what its versions say they counted.
+
+    ``steps[j]`` lists the updates of the step that made version ``j + 1``: ``(device, base
+    round, multiplicity)``. An update for base round ``b`` was trained on version ``b - 1`` (the
+    version whose task is round ``b``) with the service's seeds; the step's average is
+    ``sum m_i q_i / sum m_i w_i`` of the quantized updates (integer sums, as the encrypted ones
+    decode) and the server optimizer steps once per step. Returns the parameters of versions
+    0..len(steps): a distributed run that counted each update exactly once, as it says, ends
+    on the same bits.
+    """
+    from schemas.codec import Codec, update_seed
+
+    spec = setup.spec
+    # quantization does not depend on encryption: CKKS sums decode to these integer sums
+    codec = Codec(replace(cfg.codec_params().for_round(cfg.seed, 0), encrypted=False),
+                  spec.num_params, None)
+    opt = make_server_optimizer(cfg.strategy, lr=cfg.server_lr, momentum=cfg.server_momentum,
+                                b1=cfg.b1, b2=cfg.b2, tau=cfg.tau)
+    versions = [init_flat(spec, cfg.seed)]
+    state = init_state(opt, versions[0])
+    index = {d: i for i, d in enumerate(setup.devices)}
+    for updates in steps:
+        params = versions[-1]
+        if len(updates) >= cfg.min_participants:
+            qsum = np.zeros(spec.num_params, np.int64)
+            wsum = 0
+            for device, base, times in updates:
+                shard = setup.data[index[device]]
+                assert shard is not None, f"{device} has no data but counted"
+                x, y, _, _ = shard
+                delta, n, _ = train_local(spec, versions[base - 1], x, y, cfg.local,
+                                          local_seed(cfg.seed, base, device))
+                qsum += times * codec.quantize_update(delta, n, update_seed(cfg.seed, base,
+                                                                            device))
+                wsum += times * codec.weight(n)
+            avg = np.asarray(codec.average(qsum, wsum), np.float32)
+            params, state = server_step(opt, params, state, avg)
+        versions.append(np.asarray(params, np.float32))
+    return versions

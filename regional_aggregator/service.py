@@ -21,26 +21,38 @@ import asyncio
 import contextlib
 import logging
 import re
+import subprocess
+import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, ProducerFenced
 from pydantic import Field, field_validator
 
+from regional_aggregator.ledger import FEDBUFF_ROUND, Ledger, LedgerFollower
 from regional_aggregator.ratelimit import TokenBuckets
 from regional_aggregator.robust import make_rule
-from regional_aggregator.summing import RegionalSum
+from regional_aggregator.summing import RegionalSum, device_of
 from schemas import fedstream_pb2 as pb
-from schemas.cli import KafkaClient, MqttClient, ServiceSettings, tune_malloc
+from schemas.cli import (
+    KafkaClient,
+    MqttClient,
+    ServiceSettings,
+    die_with_parent,
+    terminate_child,
+    tune_malloc,
+)
 from schemas.codec import Codec
 from schemas.errors import InvalidMessage, Reason
+from schemas.fedbuff import FedBuff
 from schemas.fleet import FleetFollower
 from schemas.kafka import CLIENT_SIZES, MAX_MESSAGE_BYTES, catch_up, ensure_topics, model_consumer
 from schemas.keyring import Keyring
-from schemas.mqtt import MAX_PACKET_BYTES, MqttLink
+from schemas.mqtt import MAX_PACKET_BYTES, AckToken, MqttLink
 from schemas.signing import header, open_envelope, open_model_version, seal
 from schemas.task import codec_params
 from schemas.telemetry import (
@@ -59,6 +71,29 @@ from schemas.topics import Topics
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")
 log = logging.getLogger("fedstream.regional")
 SERVICE = "regional"
+UP, DOWN = b"up", b"down"  # a replica's retained status (a stand-in's is b"adopted:<by>")
+
+
+REPLICA = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def parse_status(replica: str, payload: bytes) -> str | None:
+    """A replica's status from its topic's last level and payload: ``up``, ``down`` or
+    ``adopted:<by>``; ``None`` for anything else."""
+    text = payload.decode("ascii", errors="replace")
+    if not REPLICA.fullmatch(replica):
+        return None
+    if text in ("up", "down") or (text.startswith("adopted:")
+                                  and REPLICA.fullmatch(text[len("adopted:"):])):
+        return text
+    return None
+
+
+def adopter_of(status: Mapping[str, str], replica: str) -> str | None:
+    """The replica that stands in for ``replica`` when it is down: the next one that is up
+    after it in name order (wrapping around), so that every replica picks the same one."""
+    up = sorted(r for r, st in status.items() if st == "up" and r != replica)
+    return next((r for r in up if r > replica), up[0] if up else None)
 
 
 class RegionalSettings(ServiceSettings, MqttClient, KafkaClient):
@@ -99,10 +134,29 @@ class RegionalSettings(ServiceSettings, MqttClient, KafkaClient):
     kafka_budget_s: float = Field(
         15.0, gt=0, description="seconds one attempt to commit a partial may take before it is "
         "retried with a new producer")
+    replica: str = Field(
+        "", pattern=r"^[A-Za-z0-9_-]{0,32}$", description="scale out: this aggregator is replica "
+        "REPLICA of the region; the region's replicas share its updates through an MQTT shared "
+        "subscription, each forwards its sums in batches under its own transactional id, and "
+        "reads the others' back from Kafka (default: the region's only aggregator)")
+    flush_every: int = Field(256, ge=1, description="replicas: forward a batch after this many "
+                             "devices' updates")
+    flush_idle_s: float = Field(0.5, gt=0, description="replicas: forward a batch of at least "
+                                "k devices once no update came for this long")
+    adopt_after_s: float = Field(
+        2.0, ge=0, description="replicas: a replica whose connection is lost for this long is "
+        "down (its retained status says so), and the next replica that is up takes over its "
+        "MQTT session and transactional id (a stand-in process) until it is back")
+    adopted_by: str = Field(
+        "", pattern=r"^[A-Za-z0-9_-]{0,32}$", description="set by a replica for the stand-in it "
+        "starts: this process serves replica REPLICA's session for ADOPTED_BY, and exits when "
+        "the replica takes its session back")
 
     @property
     def transactional_id(self) -> str:
-        return f"{self.namespace}-regional-{self.region}"
+        """One per MQTT session: a restarted replica fences its old incarnation."""
+        return f"{self.namespace}-regional-{self.region}" + \
+            (f"-{self.replica}" if self.replica else "")
 
     @field_validator("robust")
     @classmethod
@@ -126,13 +180,32 @@ class _Round:
     expected: set[str]
     summer: RegionalSum
     quarantined: set[str] = field(default_factory=set)
-    pending: list = field(default_factory=list)  # MQTT messages to ack after the commit
+    # agent -> what acks its MQTT messages, once a valid group holding it is committed
+    pending: dict[str, list[AckToken]] = field(default_factory=dict)
     eval: pb.EvalSums = field(default_factory=pb.EvalSums)
-    flushing: bool = False  # the partial is being committed: its agent set is fixed
-    flushed: bool = False
+    flushing: bool = False  # a batch is being committed: its agent set is fixed
+    flushed: bool = False  # the region's round is closed here
     update_bytes: int = 0
-    committed_agents: list[str] = field(default_factory=list)
+    committed: set[str] = field(default_factory=set)  # agents this process committed
+    committed_agents: list[str] = field(default_factory=list)  # ... in its last batch (receipt)
+    declined: set[str] = field(default_factory=set)  # sat out through this process
+    unsent_declines: list[str] = field(default_factory=list)  # ... not yet in a batch
     versions: dict[str, str] = field(default_factory=dict)  # agent -> its project version
+    version_counts: Counter = field(default_factory=Counter)  # project version -> devices
+    seq: int = 0  # this replica's next batch number
+    last_update: float = 0.0  # monotonic time of the last accepted update (idle flush)
+    fedbuff: FedBuff | None = None  # buffered asynchronous mode: the round never closes
+    selected: dict[int, set[str] | None] = field(default_factory=dict)  # FedBuff: per round
+
+    @property
+    def ledger_round(self) -> int:
+        """Where the ledger files this round's batches (FedBuff: one open-ended round 0)."""
+        return FEDBUFF_ROUND if self.fedbuff is not None else self.task.round
+
+    def all_in(self) -> bool:
+        """Every expected agent summed here (a region of one aggregator): folded agents are
+        always expected ones, so counting suffices."""
+        return self.summer.num_agents >= len(self.expected)
 
 
 class RegionalAggregator:
@@ -145,6 +218,11 @@ class RegionalAggregator:
             raise ValueError(f"{settings.region!r} is not a region of the trust store")
         self.kafka = settings.kafka_conn(settings.region, "region")
         self.mqtt_tls = settings.mqtt_tls(settings.region, "region")
+        if settings.replica and self.mqtt_tls is not None:
+            raise ValueError("--replica with MQTT TLS: a locked-down broker makes the "
+                             "certificate's CN the client id, so the region's replicas would "
+                             "share one MQTT session; replicas need one certificate each, which "
+                             "the local stack does not issue yet (run replicas on an open broker)")
         if not self.keys.trust.names(role="agent", region=settings.region):
             log.warning("%s: no devices yet; they join through the fleet topic (fedstream-fleet "
                         "enrol)", settings.region)
@@ -157,6 +235,13 @@ class RegionalAggregator:
         self._round_changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._rate = TokenBuckets(settings.rate_per_s, settings.rate_burst)
+        self.ledger = Ledger(settings.region)  # what the region committed (read back)
+        self._ledger_follower: LedgerFollower | None = None
+        self._batching = asyncio.Lock()  # replicas: no update is taken while a batch commits
+        self._checked = 0.0  # replicas: when the round's coverage was last checked
+        self._status: dict[str, str] = {}  # replica -> its retained status
+        self._stand_ins: dict[str, subprocess.Popen] = {}
+        self._status_prefix = self.t.replica(settings.region, "")
 
     @property
     def agents(self) -> set[str]:
@@ -169,12 +254,12 @@ class RegionalAggregator:
         r = self.round
         if rec.action != "revoke" or r is None or r.flushing or r.flushed:
             return
-        if rec.identity in r.expected and rec.identity not in r.summer.agents:
+        if r.fedbuff is None and rec.identity in r.expected and not r.summer.has(rec.identity) \
+                and not self._counted(r, rec.identity):
             r.expected.discard(rec.identity)
             log.info("%s: %s revoked: round %d no longer waits for it", self.s.region,
                      rec.identity, r.task.round)
-            if set(r.summer.agents) >= r.expected:
-                self._round_changed.set()
+            self._round_changed.set()
 
     # -- model versions: Kafka -> retained MQTT ------------------------------------------------
 
@@ -191,6 +276,8 @@ class RegionalAggregator:
         self.mqtt.publish(self.t.model(self.s.region), raw, retain=True)
         BYTES.labels(SERVICE, "mqtt_out").inc(len(raw))
         old = self.round
+        if old is not None and self._continue_fedbuff(old, mv):
+            return
         self.closed_round = max(self.closed_round, mv.provenance.round)
         if old and not old.flushing and old.pending:
             # the round closed without our partial (global deadline): its updates are obsolete
@@ -198,8 +285,9 @@ class RegionalAggregator:
                 reject(SERVICE, InvalidMessage(
                     "round_closed", f"round {old.task.round} closed before {agent}'s update "
                     "was forwarded"), self.s.region)
-            for msg in old.pending:
-                self.mqtt.ack(msg)
+            for msgs in old.pending.values():
+                for msg in msgs:
+                    self.mqtt.ack(msg)
         if mv.final or not mv.HasField("next_task"):
             self.round = None
             log.info("%s: final model version %d relayed", self.s.region, mv.header.model_version)
@@ -213,16 +301,51 @@ class RegionalAggregator:
         quarantined = set(task.quarantined_agents)
         expected = (set(task.selected_agents) or self.agents) & self.agents - quarantined
         k = max(self.s.min_agents_per_partial, task.min_group)
-        summer = RegionalSum(codec, task.round, expected=sorted(expected), min_group=k,
-                             max_groups=self.s.max_groups, seed=task.seed, region=self.s.region,
+        fb = FedBuff.from_task(task)
+        summer = RegionalSum(codec, task.round, expected=sorted(expected) if fb is None else None,
+                             min_group=k, max_groups=self.s.max_groups if fb is None else 1,
+                             seed=task.seed, region=self.s.region,
                              suspects=list(task.suspected_agents),
                              robust=make_rule(self.s.robust)
                              if self.s.robust and not task.codec.encrypted else None)
-        self.round = _Round(mv, task, codec, expected, summer, quarantined)
+        self.round = _Round(mv, task, codec, expected, summer, quarantined, fedbuff=fb)
+        PROJECT_VERSIONS.clear()
+        if fb is None:
+            self.ledger.forget_before(task.round - 1)
+        else:
+            self.round.selected[task.round] = set(task.selected_agents) or None
+        self.round.seq = self.ledger.next_batch(self.round.ledger_round, self.s.replica)
         ROUND.labels(SERVICE).set(task.round)
-        log.info("%s: round %d on model v%d, expecting %s", self.s.region, task.round,
-                 mv.header.model_version, sorted(self.round.expected))
+        exp = sorted(self.round.expected)
+        log.info("%s: round %d on model v%d, expecting %d devices: %s", self.s.region,
+                 task.round, mv.header.model_version, len(exp),
+                 exp if len(exp) <= 12 else f"{exp[:12]} ...")
         self._round_changed.set()
+
+    def _continue_fedbuff(self, r: _Round, mv: pb.ModelVersion) -> bool:
+        """FedBuff: a new version moves the region's current round on; the batch in progress
+        and everything received for earlier rounds of the staleness window stay. ``False`` when
+        the new version is not a continuation (another mode, codec or HE context)."""
+        if r.fedbuff is None or mv.final or not mv.HasField("next_task"):
+            return False
+        task = mv.next_task
+        if FedBuff.from_task(task) != r.fedbuff or task.codec != r.task.codec \
+                or task.he_fingerprint != r.task.he_fingerprint:
+            return False
+        r.model, r.task = mv, task
+        r.quarantined = set(task.quarantined_agents)
+        r.selected[task.round] = set(task.selected_agents) or None
+        oldest = task.round - r.fedbuff.max_staleness
+        for old in [b for b in r.selected if b < oldest]:
+            del r.selected[old]
+        keep = task.round - 2 * r.fedbuff.max_staleness  # as the global keeps them
+        self.ledger.forget_keys(FEDBUFF_ROUND,
+                                lambda key: int(key.rpartition("@")[2]) >= keep)
+        ROUND.labels(SERVICE).set(task.round)
+        log.info("%s: FedBuff round %d on model v%d (batch of %d open)", self.s.region,
+                 task.round, mv.header.model_version, r.summer.num_agents)
+        self._round_changed.set()
+        return True
 
     async def _follow_models(self, consumer: AIOKafkaConsumer) -> None:
         while True:
@@ -243,6 +366,10 @@ class RegionalAggregator:
     def _on_reconnect(self) -> None:
         """Paho thread, after each MQTT (re)connect: make sure the broker has our retained state
         (a broker killed before it saved loses the last retained messages)."""
+        if self.s.replica:
+            self.mqtt.publish(self.t.replica(self.s.region, self.s.replica),
+                              b"adopted:" + self.s.adopted_by.encode() if self.s.adopted_by
+                              else UP, retain=True)
         if self._model_raw is not None:
             self.mqtt.publish(self.t.model(self.s.region), self._model_raw, retain=True)
         if self._receipt_raw is not None:
@@ -271,6 +398,8 @@ class RegionalAggregator:
         if not self._rate.take(sender):
             raise InvalidMessage(Reason.RATE_LIMITED, f"{sender} sends faster than "
                                  f"{self.s.rate_per_s}/s (burst {self.s.rate_burst:.0f})")
+        if r is not None and r.fedbuff is not None:
+            return self._check_fedbuff(up, r)
         if up.header.round <= self.closed_round:
             raise InvalidMessage(Reason.LATE, f"update for round {up.header.round}, which is "
                                  "closed")
@@ -286,44 +415,95 @@ class RegionalAggregator:
         if sender in r.quarantined:
             raise InvalidMessage(Reason.QUARANTINED, f"{sender} is quarantined after repeated "
                                  "failed updates")
-        if (r.flushing or r.flushed) and sender not in r.committed_agents:
+        if (r.flushing or r.flushed) and not self._counted(r, sender):
             raise InvalidMessage(Reason.LATE, f"{sender} arrived after round {r.task.round}'s "
                                  "partial was closed")
         if sender not in r.expected:
             raise InvalidMessage(Reason.NOT_SELECTED, f"{sender} was not asked for this round")
         return up
 
-    def _on_update(self, msg) -> None:
+    @staticmethod
+    def _round_of(raw: bytes) -> int | None:
+        """The round an update envelope claims (unverified: only to decide to wait)."""
+        try:
+            return pb.UpdateChunk.FromString(pb.Envelope.FromString(raw).body).header.round
+        except Exception:  # protobuf's DecodeError, or a payload that is no envelope
+            return None
+
+    def _check_fedbuff(self, up: pb.UpdateChunk, r: _Round) -> pb.UpdateChunk:
+        """FedBuff: an update may be for any round of the staleness window, by a device that
+        round selected (a round this process never saw: any device of the region)."""
+        assert r.fedbuff is not None
+        sender, base = up.header.sender, up.header.round
+        oldest = r.task.round - r.fedbuff.max_staleness
+        if base < oldest:
+            raise InvalidMessage(Reason.LATE, f"update for round {base}, older than the "
+                                 f"staleness window {oldest}..{r.task.round}")
+        if base > r.task.round:
+            raise InvalidMessage(Reason.WRONG_ROUND, f"update for round {base}, region is on "
+                                 f"round {r.task.round}")
+        if up.header.he_fingerprint != r.task.he_fingerprint:
+            raise InvalidMessage(Reason.WRONG_FINGERPRINT, "update made with another HE context")
+        if sender in r.quarantined:
+            raise InvalidMessage(Reason.QUARANTINED, f"{sender} is quarantined after repeated "
+                                 "failed updates")
+        selected = r.selected.get(base)
+        if selected is not None and sender not in selected:
+            raise InvalidMessage(Reason.NOT_SELECTED, f"{sender} was not asked for round {base}")
+        return up
+
+    def _on_update(self, msg, wait_for_round: bool = False) -> int | None:
+        """Take one update chunk. Returns the round to wait for when the chunk is for the
+        round after the open one and ``wait_for_round``: another replica relayed that round's
+        model first, and this one will adopt it in a moment (the chunk is neither refused nor
+        acked yet)."""
         BYTES.labels(SERVICE, "mqtt_in").inc(len(msg.payload))
         INBOX_DEPTH.labels(SERVICE).set(self.mqtt.inbox.qsize())
         try:
             up = self._check_update(msg.payload, msg.topic)
         except InvalidMessage as exc:
+            if wait_for_round and exc.reason == Reason.WRONG_ROUND and self.round is not None \
+                    and self.round.fedbuff is None and self.s.replica:
+                ahead = self._round_of(msg.payload)
+                if ahead == self.round.task.round + 1:
+                    return ahead
             reject(SERVICE, exc, f"update on {msg.topic}")
             self.mqtt.ack(msg)  # a refused message is final: never redeliver it
-            return
+            return None
         r = self.round
         assert r is not None
         if up.declined:
             self._on_decline(r, up)
             self.mqtt.ack(msg)
-            return
-        if r.flushing or r.flushed or r.summer.is_duplicate(up.agent_id, up.header.chunk_index):
-            # a duplicate: the original is summed (and acked after the commit, or redelivered
-            # after a crash), so this copy is acked at once and never stored
+            return None
+        key = up.agent_id if r.fedbuff is None else f"{up.agent_id}@{up.header.round}"
+        if self._counted(r, key):
+            # a duplicate of an update in a committed partial: acked at once, never stored
             DUPLICATES.labels(SERVICE).inc()
             self.mqtt.ack(msg)
             if r.flushed:
                 self._publish_receipt(r)
-            return
+            return None
+        if r.summer.is_duplicate(key, up.header.chunk_index):
+            # a copy of an update held here, not yet committed: never stored. The broker's
+            # redelivery of the original itself (after a reconnect: DUP set, and the original's
+            # packet id is stale) is acked with the batch; a device's republished copy at once
+            DUPLICATES.labels(SERVICE).inc()
+            if msg.dup:
+                r.pending.setdefault(key, []).append(msg.token)
+            else:
+                self.mqtt.ack(msg)
+            return None
+        times = 1 if r.fedbuff is None else r.fedbuff.multiplicity(r.task.round - up.header.round)
         try:
-            r.summer.add_chunk(up.agent_id, up.header.chunk_index, up.header.chunk_count,
-                               up.payload, weight=up.weight)
+            r.summer.add_chunk(key, up.header.chunk_index, up.header.chunk_count,
+                               up.payload, weight=up.weight, times=times)
         except InvalidMessage as exc:
             reject(SERVICE, exc, f"update from {up.agent_id}")
             self.mqtt.ack(msg)
-            return
-        r.pending.append(msg)
+            return None
+        r.pending.setdefault(key, []).append(msg.token)
+        r.last_update = time.monotonic()
         ACCEPTED.labels(SERVICE, "update_chunk").inc()
         r.update_bytes += len(msg.payload)
         if up.header.chunk_index == 0:
@@ -332,8 +512,9 @@ class RegionalAggregator:
             r.eval.loss_sum += up.eval.loss_sum
             r.eval.accuracy_sum += up.eval.accuracy_sum
             r.eval.count += up.eval.count
-        if set(r.summer.agents) >= r.expected:
+        if self.s.replica or r.fedbuff is not None or r.all_in():
             self._round_changed.set()
+        return None
 
     def _on_decline(self, r: _Round, up: pb.UpdateChunk) -> None:
         """A device sits the round out (its own data or project): stop waiting for it. Only
@@ -343,70 +524,147 @@ class RegionalAggregator:
             reject(SERVICE, InvalidMessage(Reason.MALFORMED, f"{agent}: a decline carries no "
                                            "payload"), f"decline from {agent}")
             return
-        if agent in r.summer.agents or agent not in r.expected:
+        if r.fedbuff is not None:  # nothing waits for a device in FedBuff
+            ACCEPTED.labels(SERVICE, "decline").inc()
+            return
+        if r.summer.has(agent) or self._counted(r, agent) or agent not in r.expected:
             DUPLICATES.labels(SERVICE).inc()
             return
-        r.expected.discard(agent)
+        if self.s.replica:  # the other replicas learn it from the next batch
+            if agent not in r.declined:
+                r.declined.add(agent)
+                r.unsent_declines.append(agent)
+        else:
+            r.expected.discard(agent)
         ACCEPTED.labels(SERVICE, "decline").inc()
         log.info("%s: %s sits round %d out (%s)", self.s.region, agent, r.task.round,
                  up.declined[:64])
-        if set(r.summer.agents) >= r.expected:
-            self._round_changed.set()
+        self._round_changed.set()
 
     def _count_version(self, r: _Round, up: pb.UpdateChunk) -> None:
         """Version skew: devices per project version this round (a label only for well-formed
         versions, and reset every round, so a device cannot grow the metric without bound)."""
-        v = up.project_version
-        r.versions[up.agent_id] = v if VERSION.fullmatch(v) else "invalid"
-        PROJECT_VERSIONS.clear()
-        for version, devices in Counter(r.versions.values()).items():
-            PROJECT_VERSIONS.labels(r.task.task_name, version).set(devices)
+        v = up.project_version if VERSION.fullmatch(up.project_version) else "invalid"
+        old = r.versions.get(up.agent_id)
+        if old == v:
+            return
+        r.versions[up.agent_id] = v
+        for version, step in ((old, -1), (v, 1)):
+            if version is None:
+                continue
+            r.version_counts[version] += step
+            if r.version_counts[version]:
+                PROJECT_VERSIONS.labels(r.task.task_name, version).set(
+                    r.version_counts[version])
+            else:  # no device left on it: no series either
+                del r.version_counts[version]
+                with contextlib.suppress(KeyError):
+                    PROJECT_VERSIONS.remove(r.task.task_name, version)
 
     # -- flush: Kafka commit, then acks and receipts -------------------------------------------
 
-    async def _flush(self, r: _Round) -> None:
-        r.flushing = True  # from here on the partial's agents are fixed; later arrivals are late
-        for agent in r.summer.in_flight:  # some chunks arrived, not all: not in this round
-            reject(SERVICE, InvalidMessage(
-                Reason.INCOMPLETE, f"{agent}'s round {r.task.round} update lacks chunks at the "
-                "flush"), self.s.region)
+    def _counted(self, r: _Round, agent: str) -> bool:
+        """Whether ``agent``'s update of round ``r`` is in a committed, valid group (of any
+        replica of the region)."""
+        if agent in r.committed:
+            return True
+        # the read-back matters only where several batches may name an agent (replicas,
+        # FedBuff); a region of one sending one partial per round trusts its own account
+        return bool(self.s.replica or r.fedbuff is not None) \
+            and self.ledger.is_counted(r.ledger_round, agent)
+
+    def _covered(self, r: _Round) -> bool:
+        """Replicas: every expected agent counted, declined or summed here."""
+        done = self.ledger.covered(r.task.round) | r.declined
+        return all(a in done or r.summer.has(a) for a in r.expected)
+
+    async def _flush(self, r: _Round, final: bool = True) -> None:
+        """Commit what this process holds as one batch (one Kafka transaction), then ack the
+        updates of its valid groups and publish a receipt. ``final``: the region's round closes
+        here (agents still in flight are left out, the batch carries ``region_complete``)."""
+        async with self._batching:  # no update is taken while the batch and read-back settle
+            await self._flush_batch(r, final)
+
+    async def _flush_batch(self, r: _Round, final: bool) -> None:
+        r.flushing = True  # from here on the batch's agents are fixed; later arrivals are late
+        if final:
+            for agent in r.summer.in_flight:  # some chunks arrived, not all: not in this round
+                reject(SERVICE, InvalidMessage(
+                    Reason.INCOMPLETE, f"{agent}'s round {r.task.round} update lacks chunks at "
+                    "the flush"), self.s.region)
         groups = r.summer.groups()
-        if not groups:  # too few to hide any one agent: report an empty partial, drop the rest
+        if not groups and r.summer.num_agents:  # too few to hide any one agent
             for agent in r.summer.agents:
                 reject(SERVICE, InvalidMessage(
                     Reason.TOO_FEW_AGENTS, f"round {r.task.round}: {agent} is one of "
                     f"{r.summer.num_agents} agents, under the privacy floor of "
                     f"{r.summer.min_group}; sending an empty partial"), self.s.region)
-        r.committed_agents = sorted(a for g in groups for a in g.agents)
+        batch = f"{self.s.replica}/{r.seq}" if self.s.replica or r.fedbuff is not None else ""
         fp = r.task.he_fingerprint
         mv = r.model.header.model_version
         records = []
         for gi, group in enumerate(groups or [None]):
             payloads = group.payloads if group is not None else [b""]
             for i, payload in enumerate(payloads):
-                first = gi == 0 and i == 0 and group is not None
+                first = gi == 0 and i == 0
+                keys = group.agents if group is not None else []
                 part = pb.PartialChunk(
                     header=header(self.s.region, r.task.round, mv, fp, i, len(payloads)),
                     region=self.s.region, payload=payload, group=gi,
                     group_count=len(groups),
-                    agents=group.agents if group is not None else [],
+                    agents=[device_of(k) for k in keys],
                     weights=group.weights if group is not None else [],
-                    eval=r.eval if first and r.eval.count else None,
-                    update_bytes=r.update_bytes if first else 0,
+                    base_rounds=[int(k.rpartition("@")[2]) for k in keys]
+                    if r.fedbuff is not None else [],
+                    multiplicities=group.multiplicities
+                    if r.fedbuff is not None and group is not None else [],
+                    eval=r.eval if first and group is not None and r.eval.count else None,
+                    update_bytes=r.update_bytes if first and group is not None else 0,
+                    batch=batch, region_complete=final,
+                    declined=r.unsent_declines if first else [],
                 )
                 raw = seal(pb.PARTIAL_CHUNK, part, self.s.region, self.keys.private_key,
                            topic=self.t.partials)
-                records.append((f"{r.task.round}/{self.s.region}/{gi}/{i}".encode(), raw))
-        await self._commit_partial(records)
+                key = f"{r.task.round}/{self.s.region}/{batch}/{gi}/{i}" if batch else                     f"{r.task.round}/{self.s.region}/{gi}/{i}"
+                records.append((key.encode(), raw))
+        last_offset = await self._commit_partial(records)
         BYTES.labels(SERVICE, "kafka_out").inc(sum(len(raw) for _, raw in records))
-        # committed: now (and only now) the broker may forget the updates
-        r.flushed = True
-        for msg in r.pending:
-            self.mqtt.ack(msg)
-        r.pending.clear()
+        valid, void = list(range(len(groups))), []
+        if batch and self._ledger_follower is not None:
+            await self._ledger_follower.caught_up(past=last_offset)
+            void = [gi for gi in valid if self.ledger.is_void(r.ledger_round, batch, gi)]
+            valid = [gi for gi in valid if gi not in void]
+        # committed: now (and only now) the broker may forget the updates of valid groups
+        r.committed_agents = sorted(a for gi in valid for a in groups[gi].agents)
+        r.committed.update(r.committed_agents)
+        for agent in r.committed_agents:
+            for msg in r.pending.pop(agent, []):
+                self.mqtt.ack(msg)
+        for gi in void:  # another replica counted one of these first: rebuild from redelivery
+            log.warning("%s round %d: batch %s group %d void (an agent was counted first by "
+                        "another replica); its updates are redelivered", self.s.region,
+                        r.task.round, batch, gi)
+            for agent in groups[gi].agents:
+                r.pending.pop(agent, None)
+        if final:  # the rest is out of this round: never redeliver it
+            r.flushed = True
+            for msgs in r.pending.values():
+                for msg in msgs:
+                    self.mqtt.ack(msg)
+            r.pending.clear()
+        else:
+            r.summer = r.summer.next_batch()
+            r.seq += 1
+            r.unsent_declines = []
+            r.eval = pb.EvalSums()
+            r.update_bytes = 0
+            r.flushing = False
         self._publish_receipt(r)
-        log.info("%s round %d: partial of %d agents in %d groups committed", self.s.region,
-                 r.task.round, len(r.committed_agents), len(groups))
+        if void:
+            self.mqtt.cycle()
+        log.info("%s round %d: %spartial of %d agents in %d groups committed%s", self.s.region,
+                 r.task.round, f"batch {batch}: " if batch else "", len(r.committed_agents),
+                 len(valid), " (round closed)" if final and batch else "")
 
     async def _new_producer(self) -> AIOKafkaProducer:
         """A transactional producer: starting it fences (and aborts the open transaction of) any
@@ -419,24 +677,29 @@ class RegionalAggregator:
         await producer.start()
         return producer
 
-    async def _commit_partial(self, records: list[tuple[bytes, bytes]]) -> None:
-        """Write every chunk of a partial in one Kafka transaction. Each attempt has a budget of
-        ``kafka_budget_s``; past it (Kafka away or unreachable) the producer is replaced, which
-        fences the old one, and the partial is written again. Nothing has been acked to MQTT yet,
-        so waiting costs only time."""
+    async def _commit_partial(self, records: list[tuple[bytes, bytes]]) -> int:
+        """Write every chunk of a partial in one Kafka transaction and return the offset of its
+        last record. Each attempt has a budget of ``kafka_budget_s``; past it (Kafka away or
+        unreachable) the producer is replaced, which fences the old one, and the partial is
+        written again. Nothing has been acked to MQTT yet, so waiting costs only time."""
 
-        async def attempt() -> None:
+        async def attempt() -> int:
             if self._producer is None:
                 self._producer = await self._new_producer()
             async with self._producer.transaction():
-                for key, raw in records:
-                    await self._producer.send(self.t.partials, raw, key=key)
+                sent = [await self._producer.send(self.t.partials, raw, key=key)
+                        for key, raw in records]
+            return max([(await fut).offset for fut in sent])
 
         while True:
             try:
-                await asyncio.wait_for(attempt(), self.s.kafka_budget_s)
-                return
+                return await asyncio.wait_for(attempt(), self.s.kafka_budget_s)
             except (KafkaError, TimeoutError) as exc:
+                if isinstance(exc, ProducerFenced) and self.s.replica:
+                    # the replica's session has a newer owner (it came back, or stands in)
+                    log.warning("%s: replica %s fenced by a newer incarnation; leaving",
+                                self.s.region, self.s.replica)
+                    raise
                 KAFKA_RETRIES.labels(SERVICE).inc()
                 log.warning("%s: Kafka write failed (%s: %s); retrying with a new producer",
                             self.s.region, type(exc).__name__, exc or "over budget")
@@ -450,7 +713,7 @@ class RegionalAggregator:
         rc = pb.Receipt(
             header=header(self.s.region, r.task.round, r.model.header.model_version,
                           r.task.he_fingerprint),
-            region=self.s.region, agents=r.committed_agents,
+            region=self.s.region, agents=sorted({device_of(a) for a in r.committed_agents}),
         )
         self._receipt_raw = seal(pb.RECEIPT, rc, self.s.region, self.keys.private_key,
                                  topic=self.t.receipts(self.s.region))
@@ -463,19 +726,112 @@ class RegionalAggregator:
                 self._round_changed.clear()
                 await self._round_changed.wait()
                 continue
-            complete = set(r.summer.agents) >= r.expected
-            if complete or time.time() >= r.task.deadline_unix:
+            wait = max(0.05, r.task.deadline_unix - time.time())
+            k = r.summer.min_group
+            idle = time.monotonic() - r.last_update
+            if r.fedbuff is not None:  # batches, for as long as the federation runs
+                await asyncio.sleep(max(0.0, self._checked + 0.05 - time.monotonic()))
+                self._checked = time.monotonic()
+                n = r.summer.num_agents
+                if n >= max(k, self.s.flush_every) or (n >= k and idle >= self.s.flush_idle_s):
+                    await self._flush(r, final=False)
+                    continue
+                wait = max(0.05, self.s.flush_idle_s - idle) if n else 1.0
+            elif time.time() >= r.task.deadline_unix:
                 await self._flush(r)
                 continue
+            elif not self.s.replica:
+                if r.all_in():
+                    await self._flush(r)
+                    continue
+            else:  # a replica: batches, and the round closes when the region's is covered
+                # (woken by every update: look at most 20 times a second, the check is O(n))
+                await asyncio.sleep(max(0.0, self._checked + 0.05 - time.monotonic()))
+                self._checked = time.monotonic()
+                if r is not self.round or r.flushed:
+                    continue
+                idle = time.monotonic() - r.last_update
+                if self._covered(r):
+                    if r.summer.num_agents or r.summer.in_flight or r.unsent_declines \
+                            or not self.ledger.complete(r.task.round):
+                        await self._flush(r, final=True)
+                    else:
+                        r.flushed = True  # another replica closed it
+                    continue
+                if r.summer.num_agents >= max(k, self.s.flush_every) or (
+                        r.summer.num_agents >= k and idle >= self.s.flush_idle_s) or (
+                        r.unsent_declines and not r.summer.num_agents
+                        and idle >= self.s.flush_idle_s):
+                    await self._flush(r, final=False)
+                    continue
+                wait = min(wait, max(0.05, self.s.flush_idle_s - idle)
+                           if r.summer.num_agents or r.unsent_declines else wait)
             self._round_changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._round_changed.wait(),
-                                       max(0.05, r.task.deadline_unix - time.time()))
+                await asyncio.wait_for(self._round_changed.wait(), wait)
 
     async def _pump_updates(self) -> None:
         while True:
             msg = await self.mqtt.inbox.get()
-            self._on_update(msg)
+            if self.s.replica and msg.topic.startswith(self._status_prefix):
+                self._on_status(msg.topic[len(self._status_prefix):], bytes(msg.payload))
+                continue
+            r = self.round
+            if r is not None and r.fedbuff is not None and r.summer.num_agents >= \
+                    r.summer.min_group and r.summer.summands + r.fedbuff.staleness_scale > \
+                    r.codec.params.max_summands:
+                await self._flush(r, final=False)  # the batch is full: the next might not fit
+            async with self._batching:
+                ahead = self._on_update(msg, wait_for_round=True)
+            if ahead is not None:  # a replica behind its sibling: adopt the round, then take it
+                deadline = time.monotonic() + 5.0
+                while (self.round is None or self.round.task.round < ahead) \
+                        and time.monotonic() < deadline:
+                    self._round_changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._round_changed.wait(), 0.1)
+                async with self._batching:
+                    self._on_update(msg)
+
+    # -- replicas: the watchdog ----------------------------------------------------------------
+
+    def _on_status(self, replica: str, payload: bytes) -> None:
+        """A replica's retained status (unsigned: a forged one can at most start a stand-in,
+        which yields the session back to its live owner at once)."""
+        status = parse_status(replica, payload)
+        if status is None:
+            reject(SERVICE, InvalidMessage(Reason.MALFORMED, f"replica status {replica[:40]!r}: "
+                                           f"{payload[:40]!r}"), "replicas topic")
+            return
+        self._status[replica] = status
+
+    async def _watch_replicas(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for replica, st in sorted(self._status.items()):
+                child = self._stand_ins.get(replica)
+                if child is not None and child.poll() is not None:
+                    del self._stand_ins[replica]
+                    child = None
+                if st == DOWN.decode() and child is None and replica != self.s.replica \
+                        and adopter_of(self._status, replica) == self.s.replica:
+                    self._stand_ins[replica] = self._start_stand_in(replica)
+
+    def _start_stand_in(self, replica: str) -> subprocess.Popen:
+        """A process of this service, as ``replica``: it takes over that replica's MQTT
+        session (the broker redelivers what it had not acked and deals it new updates) and
+        transactional id (fencing a zombie), and exits when the replica takes them back."""
+        argv = [a for a in sys.argv[1:]]
+        for flag in ("--replica", "--adopted-by", "--metrics-port"):
+            while flag in argv:
+                i = argv.index(flag)
+                del argv[i:i + 2]
+            argv = [a for a in argv if not a.startswith(flag + "=")]
+        cmd = [sys.executable, "-m", "regional_aggregator.cli", *argv, "--replica", replica,
+               "--adopted-by", self.s.replica]
+        log.warning("%s: replica %s is down: standing in for it (%s)", self.s.region, replica,
+                    " ".join(cmd[2:5]))
+        return subprocess.Popen(cmd, preexec_fn=die_with_parent)  # noqa: PLW1509
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -488,11 +844,17 @@ class RegionalAggregator:
         loop = asyncio.get_running_loop()
         self.mqtt = MqttLink(
             host=self.s.mqtt_host, port=self.s.mqtt_port,
-            client_id=f"{self.s.namespace}-regional-{self.s.region}",
-            subscriptions=[self.t.updates(self.s.region)], loop=loop,
+            client_id=self.s.transactional_id,  # one session, one transactional id
+            subscriptions=[self.t.replicas(self.s.region)] if self.s.replica
+            else [self.t.updates(self.s.region)], loop=loop,
             persistent=True, manual_ack=True, on_connect=self._on_reconnect,
             username=self.s.mqtt_username, password=self.s.mqtt_password,
             ca_file=self.s.mqtt_ca_file, tls=self.mqtt_tls, inbox_size=self.s.inbox_size,
+            shared=f"{self.s.namespace}-regional-{self.s.region}" if self.s.replica else "",
+            shared_subscriptions=[self.t.updates(self.s.region)] if self.s.replica else None,
+            will=(self.t.replica(self.s.region, self.s.replica), DOWN, self.s.adopt_after_s)
+            if self.s.replica else None,
+            on_taken_over=self.stop if self.s.adopted_by else None,
         )
         await ensure_topics(self.kafka, self.t)
         # the fleet as it is now, before any round: then followed live
@@ -506,6 +868,20 @@ class RegionalAggregator:
         await models.seek_to_beginning(tp)
         # catch up on the model topic BEFORE taking updates, so the open round is known
         mv, raw = await catch_up(models, self.t.models, self.keys.trust, self.s.model_name)
+        # what the region (its replicas, and this one's earlier incarnations, fenced by the
+        # producer above) committed since the open round began, before taking any update;
+        # FedBuff: since the global's last cut, on top of what its earlier steps counted
+        self._ledger_follower = LedgerFollower(
+            self.kafka, self.t, self.keys.trust, self.ledger,
+            on_change=lambda _round: self._round_changed.set())
+        since = mv.provenance.created_unix if mv is not None else 0.0
+        state = mv.fedbuff_state if mv is not None and mv.HasField("fedbuff_state") else None
+        if state is not None:
+            self.ledger.add(FEDBUFF_ROUND, "~global", 0, [
+                f"{a}@{b}" for a, b in zip(state.agents, state.base_rounds)])
+        await self._ledger_follower.start(
+            since_ms=int(since * 1000) - 60_000,
+            offset=state.partials_offset if state is not None else None)
         self.mqtt.start()
         await self.mqtt.connected.wait()
         if mv is not None and raw is not None:
@@ -518,6 +894,8 @@ class RegionalAggregator:
             asyncio.create_task(self._pump_updates(), name="updates"),
             asyncio.create_task(self._rounds(), name="rounds"),
         ]
+        if self.s.replica and not self.s.adopted_by:
+            tasks.append(asyncio.create_task(self._watch_replicas(), name="replicas"))
         log.info("%s: regional aggregator up (MQTT %s:%d%s, Kafka %s%s), privacy floor k = %d",
                  self.s.region, self.s.mqtt_host, self.s.mqtt_port,
                  " mutual TLS" if self.mqtt_tls else "", self.s.kafka_bootstrap,
@@ -533,11 +911,19 @@ class RegionalAggregator:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await fleet.stop()
+            if self._ledger_follower is not None:
+                await self._ledger_follower.stop()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(models.stop(), 5)
             if self._producer is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._producer.stop(), 5)
+            if self.s.replica and not self.mqtt.stopping:  # leaving: a sibling takes over
+                with contextlib.suppress(Exception):
+                    self.mqtt.publish(self.t.replica(self.s.region, self.s.replica), DOWN,
+                                      retain=True).wait_for_publish(2)
+            for child in self._stand_ins.values():
+                terminate_child(child)
             self.mqtt.stop()
 
     def stop(self) -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,17 @@ class Group:
     agents: list[str]
     weights: list[int]
     payloads: list[bytes]
+    multiplicities: list[int] = field(default_factory=list)  # FedBuff: each agent's
+
+    @property
+    def devices(self) -> int:
+        """Distinct devices (a FedBuff key is ``<device>@<round>``)."""
+        return len({device_of(a) for a in self.agents})
+
+
+def device_of(key: str) -> str:
+    """The device of a summing key: the device id, or ``<device>@<round>`` in FedBuff."""
+    return key.partition("@")[0]
 
 
 def deal_groups(agents: Sequence[str], min_group: int, max_groups: int, seed: int,
@@ -89,7 +100,7 @@ class RegionalSum:
         suspects: agents whose group failed recently; dealt into different groups.
     """
 
-    def __init__(self, codec: Any, round_id: int, *, expected: Sequence[str],
+    def __init__(self, codec: Any, round_id: int, *, expected: Sequence[str] | None,
                  min_group: int = 1, max_groups: int = 8, seed: int = 0,
                  region: str = "", suspects: Sequence[str] = (),
                  robust: RobustRule | None = None) -> None:
@@ -104,23 +115,42 @@ class RegionalSum:
         self.round_id = round_id
         self.min_group = min_group
         self._num_chunks: int = codec.num_chunks
-        self._group_of = deal_groups(expected, min_group, max_groups, seed, round_id, region,
-                                     suspects)
+        # expected=None: open membership (FedBuff: any key the caller vouches for, one group)
+        self._open = expected is None
+        self._group_of = {} if expected is None else deal_groups(
+            expected, min_group, max_groups, seed, round_id, region, suspects)
         n_groups = max(self._group_of.values(), default=0) + 1
         self._accs = [Accumulator(codec) for _ in range(n_groups)]
         self._members: list[list[str]] = [[] for _ in range(n_groups)]
         self._weights: dict[str, int] = {}
+        self._times: dict[str, int] = {}
         self._folded: set[str] = set()
         self._pending: dict[str, dict[int, Chunk]] = {}
+
+    def next_batch(self) -> RegionalSum:
+        """A new, empty sum for the same round (the next batch of a replica), holding the
+        chunks of agents still in flight here (already verified, not yet folded)."""
+        nxt = RegionalSum.__new__(RegionalSum)
+        nxt.__dict__.update(self.__dict__)
+        n_groups = len(self._accs)
+        nxt._accs = [Accumulator(self.codec) for _ in range(n_groups)]
+        nxt._members = [[] for _ in range(n_groups)]
+        nxt._values = {}
+        nxt._folded = set()
+        nxt._pending = self._pending
+        nxt._weights = {a: self._weights[a] for a in self._pending if a in self._weights}
+        nxt._times = {a: self._times[a] for a in self._pending if a in self._times}
+        self._pending = {}
+        return nxt
 
     def is_duplicate(self, agent_id: str, chunk_index: int) -> bool:
         """Whether ``(agent, chunk)`` is already held (then the chunk needs no parsing)."""
         return agent_id in self._folded or chunk_index in self._pending.get(agent_id, {})
 
     def add_chunk(self, agent_id: str, chunk_index: int, chunk_count: int, payload: bytes,
-                  weight: int = 0) -> bool:
+                  weight: int = 0, times: int = 1) -> bool:
         """Verify and accept one chunk of ``agent_id``'s update (``weight``: chunk 0's clear
-        weight).
+        weight; ``times``: its multiplicity, FedBuff's staleness weight, given with chunk 0).
 
         Returns:
             ``True`` if the chunk was new, ``False`` for a duplicate ``(agent, chunk)`` (ignored,
@@ -131,7 +161,7 @@ class RegionalSum:
                 ``bad_weight``, or any reason of :func:`schemas.verify.verify_chunk`. A refused
                 chunk leaves every state unchanged.
         """
-        if agent_id not in self._group_of:
+        if agent_id not in self._group_of and not self._open:
             raise InvalidMessage(Reason.NOT_SELECTED, f"{agent_id} is not expected this round")
         if chunk_count != self._num_chunks:
             raise InvalidMessage(Reason.WRONG_CHUNK_COUNT, f"{agent_id} sent chunk_count "
@@ -150,13 +180,14 @@ class RegionalSum:
         buffered[chunk_index] = chunk
         if chunk_index == 0:
             self._weights[agent_id] = weight
+            self._times[agent_id] = times
         if len(buffered) == self._num_chunks:
             chunks = whole(self.codec, self._pending.pop(agent_id))
             if self.robust is not None:
                 self._values[agent_id] = np.concatenate([c.ints().astype(np.int64)
                                                          for c in chunks])
-            g = self._group_of[agent_id]
-            self._accs[g].add(chunks)
+            g = self._group_of.get(agent_id, 0)
+            self._accs[g].add(chunks, self._times[agent_id])
             self._members[g].append(agent_id)
             self._folded.add(agent_id)
         return True
@@ -169,6 +200,11 @@ class RegionalSum:
     @property
     def num_agents(self) -> int:
         return len(self._folded)
+
+    @property
+    def summands(self) -> int:
+        """Summands folded (each agent's multiplicity)."""
+        return sum(self._times[a] for a in self._folded)
 
     @property
     def in_flight(self) -> list[str]:
@@ -185,16 +221,20 @@ class RegionalSum:
         agents arrived in all."""
         if self.robust is not None:
             return self._robust_group()
+        def size(g: tuple[list[str], Accumulator]) -> tuple[int, list[str]]:
+            return len({device_of(a) for a in g[0]}), g[0]  # the floor counts devices
+
         live = [(sorted(m), acc) for m, acc in zip(self._members, self._accs) if m]
-        live.sort(key=lambda g: (len(g[0]), g[0]))
-        while len(live) > 1 and len(live[0][0]) < self.min_group:
+        live.sort(key=size)
+        while len(live) > 1 and size(live[0])[0] < self.min_group:
             (a, acc_a), (b, acc_b) = live[0], live[1]
             merged = (sorted(a + b), Accumulator.total(self.codec, [acc_a, acc_b]))
-            live = sorted([merged, *live[2:]], key=lambda g: (len(g[0]), g[0]))
-        if not live or len(live[0][0]) < self.min_group:
+            live = sorted([merged, *live[2:]], key=size)
+        if not live or size(live[0])[0] < self.min_group:
             return []
         live.sort(key=lambda g: g[0])
-        return [Group(agents, [self._weights[a] for a in agents], acc.payloads())
+        return [Group(agents, [self._weights[a] for a in agents], acc.payloads(),
+                      [self._times[a] for a in agents])
                 for agents, acc in live]
 
     def _robust_group(self) -> list[Group]:

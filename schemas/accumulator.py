@@ -36,35 +36,55 @@ class Accumulator:
         self.weight = 0                # plain mode: the summed weight (CKKS: encrypted inside)
         self.summands = 0
 
-    def add(self, chunks: Sequence[Chunk]) -> None:
-        """Fold one whole, verified update or partial (``verify.whole``'s output)."""
+    def add(self, chunks: Sequence[Chunk], times: int = 1) -> None:
+        """Fold one whole, verified update or partial (``verify.whole``'s output), ``times``
+        times (an integer multiplicity: every lane and the weight are multiplied exactly)."""
         codec = self.codec
         if len(chunks) != codec.num_chunks:
             raise InvalidMessage(Reason.INCOMPLETE,
                                  f"{len(chunks)} chunks, codec has {codec.num_chunks}")
-        total = self.summands + chunks[0].summands
+        if times < 1:
+            raise InvalidMessage(Reason.BAD_PARAMS, f"multiplicity {times} is not positive")
+        total = self.summands + chunks[0].summands * times
         if total > codec.params.max_summands:
             raise InvalidMessage(Reason.TOO_MANY_SUMMANDS, f"sum would hold {total} updates, "
                                  f"limit {codec.params.max_summands}")
         if codec.mode == MODE_PLAIN:
-            vals = [c.ints().astype(np.int64) for c in chunks]
+            vals = [c.ints().astype(np.int64) * times for c in chunks]
             if self.sums:
                 for acc, v in zip(self.sums, vals):
                     acc += v
             else:
                 self.sums = vals
-            self.weight += chunks[0].weight
+            self.weight += chunks[0].weight * times
         else:
             cts = [c.cts for c in chunks]
             if any(c is None for c in cts):
                 raise InvalidMessage(Reason.CORRUPT, "chunk was not verified (no ciphertexts)")
-            if self.sums:
-                ev = codec.he().seal.evaluator
+            seal = codec.he().seal
+            ev = seal.evaluator
+            todo = times
+            if not self.sums:
+                if times == 1:
+                    self.sums = [list(c) for c in cts]  # type: ignore[arg-type]
+                    todo = 0
+                else:  # new ciphertexts 2 * ct (never add a chunk's own ciphertext to itself)
+                    from tenseal import sealapi
+
+                    sums = []
+                    for c in cts:
+                        row = []
+                        for ct in c:  # type: ignore[union-attr]
+                            out = sealapi.Ciphertext(seal.context)
+                            ev.add(ct, ct, out)
+                            row.append(out)
+                        sums.append(row)
+                    self.sums = sums
+                    todo -= 2
+            for _ in range(todo):  # m-fold addition: exact, and no plaintext encoding needed
                 for acc_list, new in zip(self.sums, cts):
                     for acc, ct in zip(acc_list, new):  # type: ignore[arg-type]
                         ev.add_inplace(acc, ct)
-            else:
-                self.sums = [list(c) for c in cts]  # type: ignore[arg-type]
         self.summands = total
 
     def add_payloads(self, payloads: Sequence[bytes], summands: int = 1) -> None:

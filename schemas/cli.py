@@ -21,6 +21,7 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -223,6 +224,25 @@ def tune_malloc(*, mmap_threshold: int | None = None, arena_max: int | None = No
             libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
         if arena_max is not None:
             libc.mallopt(-8, arena_max)  # M_ARENA_MAX
+
+
+def die_with_parent() -> None:
+    """Runs in a child between fork and exec: the kernel kills it (SIGKILL) when the thread
+    that started it exits, so it cannot outlive a parent killed -9."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def terminate_child(proc: Any, timeout: float = 10.0) -> None:
+    """SIGTERM a child this process started (a ``subprocess.Popen``), SIGKILL after
+    ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def setup_logging(level: str) -> None:

@@ -93,7 +93,7 @@ class TrainSpec(_message.Message):
     def __init__(self, optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., prox_mu: _Optional[float] = ...) -> None: ...
 
 class RoundTask(_message.Message):
-    __slots__ = ("round", "model_version", "codec", "train", "deadline_unix", "min_participants", "he_fingerprint", "seed", "selected_agents", "model_name", "task_name", "quarantined_agents", "min_group", "suspected_agents", "project_hash", "project_version")
+    __slots__ = ("round", "model_version", "codec", "train", "deadline_unix", "min_participants", "he_fingerprint", "seed", "selected_agents", "model_name", "task_name", "quarantined_agents", "min_group", "suspected_agents", "project_hash", "project_version", "fedbuff")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class RoundTask(_message.Message):
     SUSPECTED_AGENTS_FIELD_NUMBER: _ClassVar[int]
     PROJECT_HASH_FIELD_NUMBER: _ClassVar[int]
     PROJECT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEDBUFF_FIELD_NUMBER: _ClassVar[int]
     round: int
     model_version: int
     codec: CodecSpec
@@ -126,15 +127,32 @@ class RoundTask(_message.Message):
     suspected_agents: _containers.RepeatedScalarFieldContainer[str]
     project_hash: str
     project_version: str
-    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., min_participants: _Optional[int] = ..., he_fingerprint: _Optional[str] = ..., seed: _Optional[int] = ..., selected_agents: _Optional[_Iterable[str]] = ..., model_name: _Optional[str] = ..., task_name: _Optional[str] = ..., quarantined_agents: _Optional[_Iterable[str]] = ..., min_group: _Optional[int] = ..., suspected_agents: _Optional[_Iterable[str]] = ..., project_hash: _Optional[str] = ..., project_version: _Optional[str] = ...) -> None: ...
+    fedbuff: FedBuffSpec
+    def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., min_participants: _Optional[int] = ..., he_fingerprint: _Optional[str] = ..., seed: _Optional[int] = ..., selected_agents: _Optional[_Iterable[str]] = ..., model_name: _Optional[str] = ..., task_name: _Optional[str] = ..., quarantined_agents: _Optional[_Iterable[str]] = ..., min_group: _Optional[int] = ..., suspected_agents: _Optional[_Iterable[str]] = ..., project_hash: _Optional[str] = ..., project_version: _Optional[str] = ..., fedbuff: _Optional[_Union[FedBuffSpec, _Mapping]] = ...) -> None: ...
+
+class FedBuffSpec(_message.Message):
+    __slots__ = ("buffer_size", "max_staleness", "staleness_scale", "staleness_exponent")
+    BUFFER_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_SCALE_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_EXPONENT_FIELD_NUMBER: _ClassVar[int]
+    buffer_size: int
+    max_staleness: int
+    staleness_scale: int
+    staleness_exponent: float
+    def __init__(self, buffer_size: _Optional[int] = ..., max_staleness: _Optional[int] = ..., staleness_scale: _Optional[int] = ..., staleness_exponent: _Optional[float] = ...) -> None: ...
 
 class RegionParticipants(_message.Message):
-    __slots__ = ("region", "agents")
+    __slots__ = ("region", "agents", "base_rounds", "multiplicities")
     REGION_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    BASE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLICITIES_FIELD_NUMBER: _ClassVar[int]
     region: str
     agents: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
+    base_rounds: _containers.RepeatedScalarFieldContainer[int]
+    multiplicities: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ..., base_rounds: _Optional[_Iterable[int]] = ..., multiplicities: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExcludedGroup(_message.Message):
     __slots__ = ("region", "agents", "reason", "detail")
@@ -191,7 +209,7 @@ class Provenance(_message.Message):
     def __init__(self, parent_version: _Optional[int] = ..., round: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[RegionParticipants, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., strategy: _Optional[str] = ..., created_unix: _Optional[float] = ..., excluded: _Optional[_Iterable[_Union[ExcludedGroup, _Mapping]]] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("header", "model_name", "num_params", "params", "optimizer_state", "provenance", "next_task", "final", "quarantine")
+    __slots__ = ("header", "model_name", "num_params", "params", "optimizer_state", "provenance", "next_task", "final", "quarantine", "fedbuff_state")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +219,7 @@ class ModelVersion(_message.Message):
     NEXT_TASK_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     QUARANTINE_FIELD_NUMBER: _ClassVar[int]
+    FEDBUFF_STATE_FIELD_NUMBER: _ClassVar[int]
     header: Header
     model_name: str
     num_params: int
@@ -210,7 +229,18 @@ class ModelVersion(_message.Message):
     next_task: RoundTask
     final: bool
     quarantine: Quarantine
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., model_name: _Optional[str] = ..., num_params: _Optional[int] = ..., params: _Optional[bytes] = ..., optimizer_state: _Optional[bytes] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., next_task: _Optional[_Union[RoundTask, _Mapping]] = ..., final: _Optional[bool] = ..., quarantine: _Optional[_Union[Quarantine, _Mapping]] = ...) -> None: ...
+    fedbuff_state: FedBuffState
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., model_name: _Optional[str] = ..., num_params: _Optional[int] = ..., params: _Optional[bytes] = ..., optimizer_state: _Optional[bytes] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., next_task: _Optional[_Union[RoundTask, _Mapping]] = ..., final: _Optional[bool] = ..., quarantine: _Optional[_Union[Quarantine, _Mapping]] = ..., fedbuff_state: _Optional[_Union[FedBuffState, _Mapping]] = ...) -> None: ...
+
+class FedBuffState(_message.Message):
+    __slots__ = ("agents", "base_rounds", "partials_offset")
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    BASE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PARTIALS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    base_rounds: _containers.RepeatedScalarFieldContainer[int]
+    partials_offset: int
+    def __init__(self, agents: _Optional[_Iterable[str]] = ..., base_rounds: _Optional[_Iterable[int]] = ..., partials_offset: _Optional[int] = ...) -> None: ...
 
 class EvalSums(_message.Message):
     __slots__ = ("loss_sum", "accuracy_sum", "count")
@@ -243,7 +273,7 @@ class UpdateChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., agent_id: _Optional[str] = ..., region: _Optional[str] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ..., weight: _Optional[int] = ..., project_version: _Optional[str] = ..., declined: _Optional[str] = ...) -> None: ...
 
 class PartialChunk(_message.Message):
-    __slots__ = ("header", "region", "agents", "payload", "eval", "update_bytes", "group", "group_count", "weights")
+    __slots__ = ("header", "region", "agents", "payload", "eval", "update_bytes", "group", "group_count", "weights", "batch", "region_complete", "declined", "base_rounds", "multiplicities")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +283,11 @@ class PartialChunk(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     GROUP_COUNT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    REGION_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
+    BASE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLICITIES_FIELD_NUMBER: _ClassVar[int]
     header: Header
     region: str
     agents: _containers.RepeatedScalarFieldContainer[str]
@@ -262,7 +297,12 @@ class PartialChunk(_message.Message):
     group: int
     group_count: int
     weights: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ..., update_bytes: _Optional[int] = ..., group: _Optional[int] = ..., group_count: _Optional[int] = ..., weights: _Optional[_Iterable[int]] = ...) -> None: ...
+    batch: str
+    region_complete: bool
+    declined: _containers.RepeatedScalarFieldContainer[str]
+    base_rounds: _containers.RepeatedScalarFieldContainer[int]
+    multiplicities: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ..., update_bytes: _Optional[int] = ..., group: _Optional[int] = ..., group_count: _Optional[int] = ..., weights: _Optional[_Iterable[int]] = ..., batch: _Optional[str] = ..., region_complete: _Optional[bool] = ..., declined: _Optional[_Iterable[str]] = ..., base_rounds: _Optional[_Iterable[int]] = ..., multiplicities: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Control(_message.Message):
     __slots__ = ("header", "action", "agents")

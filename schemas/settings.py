@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.fedbuff import FedBuff
 from schemas.plan import CodecParams
 
 _C = CodecParams  # the codec's defaults live on its own parameters
@@ -89,5 +90,24 @@ class FederationSettings(BaseModel):
         "(regions sum devices in groups of at least k)")
     quarantine_after: int = Field(
         3, ge=1, description="quarantine a device after this many failed rounds in a row")
+    mode: Literal["sync", "fedbuff"] = Field(
+        "sync", description="sync: rounds that wait for their selected devices (or the "
+        "deadline); fedbuff: buffered asynchronous aggregation, a server step after every "
+        "buffer_size updates, stale updates down-weighted")
+    buffer_size: int = Field(10, ge=1, description="fedbuff: updates per server step")
+    max_staleness: int = Field(
+        4, ge=0, description="fedbuff: refuse updates trained on a round more than this many "
+        "rounds before the region's current one")
+    staleness_scale: int = Field(
+        4, ge=1, le=64, description="fedbuff: a fresh update counts this many times, one t "
+        "rounds old max(1, round(scale / (1 + t) ** staleness_exponent)) times")
+    staleness_exponent: float = Field(0.5, ge=0, le=8, description="fedbuff: see staleness_scale")
     codec: CodecSettings = CodecSettings()
     train: TrainSettings = TrainSettings()
+
+    def fedbuff(self) -> FedBuff | None:
+        """The FedBuff settings in fedbuff mode, else ``None``."""
+        if self.mode != "fedbuff":
+            return None
+        return FedBuff(self.buffer_size, self.max_staleness, self.staleness_scale,
+                       self.staleness_exponent)

@@ -54,7 +54,7 @@ BODY_TYPES: dict[int, type[Message]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a fleet holds 10^5+ of these
 class Identity:
     """A signer the federation knows: its name, role ("agent", "region", "global") and its
     current key."""
@@ -69,7 +69,7 @@ def _raw(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a fleet holds 10^5+ of these
 class KeySpan:
     """One key of an identity and the rounds it signs for: ``valid_from`` <= round <
     ``valid_until`` (``None``: no end)."""
@@ -87,7 +87,7 @@ class KeySpan:
                                                 or round_id < self.valid_until)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a fleet holds 10^5+ of these
 class IdentityState:
     """Everything the trust store knows of one identity: every key it ever had (oldest first,
     the last one current) and whether it is revoked (for good)."""

@@ -8,6 +8,8 @@ MQTT (one broker or listener per region)::
     ns/<region>/model              retained: the current ModelVersion (with its RoundTask)
     ns/<region>/updates/<agent>    QoS 1: the agent's UpdateChunk envelopes
     ns/<region>/receipts           QoS 1, retained: the latest Receipt of the region
+    ns/<region>/replicas/<name>    QoS 1, retained: a regional replica's status (up, down,
+                                   adopted:<by>): the replicas' watchdog
 
 Kafka::
 
@@ -60,3 +62,9 @@ class Topics:
 
     def receipts(self, region: str) -> str:
         return f"{self.namespace}/{region}/receipts"
+
+    def replica(self, region: str, replica: str) -> str:
+        return f"{self.namespace}/{region}/replicas/{replica}"
+
+    def replicas(self, region: str) -> str:
+        return f"{self.namespace}/{region}/replicas/+"

@@ -184,11 +184,17 @@ def test_acl_table_shape():
     assert writers == {("User:region-0", "fs.partials"), ("User:region-1", "fs.partials"),
                        ("User:region-0", "fs-regional-region-0"),
                        ("User:region-1", "fs-regional-region-1"),
+                       ("User:region-0", "fs-regional-region-0-"),  # its replicas (prefixed)
+                       ("User:region-1", "fs-regional-region-1-"),
                        ("User:global", "fs.models"), ("User:global", "fs-global"),
                        ("User:operator", "fs.control"), ("User:operator", "fs.fleet")}
+    prefixed = {a.resource_name for a in acls if a.pattern == "prefixed"}
+    # a replica's id is <region's id>-<name>: "fs-regional-region-1-" cannot match region-10's
+    assert prefixed == {"fs-consumer", "fs-regional-region-0-", "fs-regional-region-1-"}
     readers_partials = {a.principal for a in acls
                         if a.resource_name == "fs.partials" and a.operation == "read"}
-    assert readers_partials == {"User:global"}
+    # the global, and the regions reading back their replicas' batches (never a consumer)
+    assert readers_partials == {"User:global", "User:region-0", "User:region-1"}
     assert len(acls) == len(set(acls))
 
 

@@ -351,3 +351,67 @@ def test_plaintext_region_applies_a_robust_rule_that_the_global_averages_back():
     encrypted = Codec(CodecParams(encrypted=True), 6, HEContext.from_bytes(generate_keys()[1]))
     with pytest.raises(ValueError):
         RegionalSum(encrypted, 1, expected=agents, robust=make_rule("median"))
+
+
+def test_next_batch_carries_agents_in_flight(codecs):
+    """A replica's next batch starts empty but keeps the verified chunks of agents whose update
+    is not complete yet; the two batches' sums add up to the numpy sum of the quantized
+    updates."""
+    edge, glob = codecs
+    updates = _updates(3)
+    rs = RegionalSum(edge, round_id=1, expected=[u[0] for u in updates])
+    for a, d, n, s in updates[:2]:
+        _feed(rs, edge, a, d, n, s)
+    late, d, n, s = updates[2]
+    chunks = edge.encode(d, n, s)
+    rs.add_chunk(late, 0, edge.num_chunks, chunks[0], weight=edge.weight(n))
+    assert rs.agents == ["agent-000", "agent-001"] and rs.in_flight == [late]
+    nxt = rs.next_batch()
+    assert rs.in_flight == [] and nxt.in_flight == [late] and nxt.agents == []
+    assert nxt.is_duplicate(late, 0) and not nxt.is_duplicate(late, 1)
+    for ci in range(1, edge.num_chunks):
+        nxt.add_chunk(late, ci, edge.num_chunks, chunks[ci])
+    assert nxt.agents == [late]
+    (q1, w1), (q2, w2) = glob.decode(rs.partial()), glob.decode(nxt.partial())
+    expected = sum(edge.quantize_update(d, n, s) for _, d, n, s in updates)
+    assert np.array_equal(q1 + q2, expected)
+    assert w1 + w2 == sum(edge.weight(n) for _, _, n, _ in updates)
+
+
+def test_fedbuff_multiplicities_sum_exactly_against_numpy(codecs):
+    """FedBuff: the region folds each update m times (its staleness multiplicity), the global
+    decodes sum m_i q_i with weight sum m_i w_i: the numpy weighted sum of the quantized
+    updates, bit for bit; an (agent, base round) counted by an earlier step is refused."""
+    from schemas.fedbuff import FedBuff
+
+    edge, glob = codecs
+    fb = FedBuff(buffer_size=3, max_staleness=3, staleness_scale=4)
+    updates = _updates(3)
+    stale = {"agent-000": 0, "agent-001": 1, "agent-002": 3}
+    rs = RegionalSum(edge, round_id=9, expected=None, min_group=2, max_groups=1)
+    for a, d, n, s in updates:
+        m = fb.multiplicity(stale[a])
+        for ci, p in enumerate(edge.encode(d, n, s)):
+            rs.add_chunk(f"{a}@{9 - stale[a]}", ci, edge.num_chunks, p, weight=edge.weight(n),
+                         times=m)
+    [group] = rs.groups()
+    assert group.multiplicities == [4, 3, 2] and rs.summands == 9
+    gr = GlobalRound(glob, 9, min_group=2, counted=[("agent-000", 8)])
+    agents = [k.partition("@")[0] for k in group.agents]
+    bases = [int(k.partition("@")[2]) for k in group.agents]
+    for ci, p in enumerate(group.payloads):
+        gr.add_partial("region-0", 0, 1, ci, p, agents, group.weights, batch="/0",
+                       multiplicities=group.multiplicities, base_rounds=bases)
+    result = gr.finish()
+    expected = sum(fb.multiplicity(stale[a]) * edge.quantize_update(d, n, s)
+                   for a, d, n, s in updates)
+    wsum = sum(fb.multiplicity(stale[a]) * edge.weight(n) for a, _, n, _ in updates)
+    assert result.weight_sum == wsum
+    assert np.array_equal(result.avg_delta, np.asarray(glob.average(expected, wsum), np.float32))
+    assert result.updates == {"region-0": [("agent-000", 9, 4), ("agent-001", 8, 3),
+                                           ("agent-002", 6, 2)]}
+    # agent-000's round-8 update was counted by an earlier step: a group naming it is refused
+    gr2 = GlobalRound(glob, 10, min_group=2, counted=[("agent-000", 9)])
+    with pytest.raises(InvalidMessage, match="agent_in_two_regions|earlier step"):
+        gr2.add_partial("region-0", 0, 1, 0, group.payloads[0], agents, group.weights,
+                        batch="/1", multiplicities=group.multiplicities, base_rounds=bases)
