@@ -139,10 +139,10 @@ class RegionalSettings(ServiceSettings, MqttClient, KafkaClient):
         "REPLICA of the region; the region's replicas share its updates through an MQTT shared "
         "subscription, each forwards its sums in batches under its own transactional id, and "
         "reads the others' back from Kafka (default: the region's only aggregator)")
-    flush_every: int = Field(256, ge=1, description="replicas: forward a batch after this many "
-                             "devices' updates")
-    flush_idle_s: float = Field(0.5, gt=0, description="replicas: forward a batch of at least "
-                                "k devices once no update came for this long")
+    flush_every: int = Field(256, ge=1, description="replicas and FedBuff: forward a batch "
+                             "after this many devices' updates")
+    flush_idle_s: float = Field(0.5, gt=0, description="replicas and FedBuff: forward a batch "
+                                "of at least k devices once no update came for this long")
     adopt_after_s: float = Field(
         2.0, ge=0, description="replicas: a replica whose connection is lost for this long is "
         "down (its retained status says so), and the next replica that is up takes over its "
