@@ -348,7 +348,7 @@ class GlobalAggregator:
                       self.keys.he if task.codec.encrypted else None)
         gr = GlobalRound(codec, r, min_group=max(self.s.min_group, task.min_group))
         eval_sums = pb.EvalSums()
-        seen_eval: set[str] = set()
+        seen_eval: set[tuple[str, str]] = set()
         empty: set[tuple[str, str]] = set()  # (region, batch) of partials without agents
         marked: set[str] = set()  # regions whose round-closing batch arrived
         lifts: set[str] = set()  # agents an operator released from quarantine
@@ -381,11 +381,7 @@ class GlobalAggregator:
                         DUPLICATES.labels(SERVICE).inc()
                     else:
                         ACCEPTED.labels(SERVICE, "partial_chunk").inc()
-                        if part.HasField("eval") and part.region not in seen_eval:
-                            seen_eval.add(part.region)
-                            eval_sums.loss_sum += part.eval.loss_sum
-                            eval_sums.accuracy_sum += part.eval.accuracy_sum
-                            eval_sums.count += part.eval.count
+                        self._add_eval(part, seen_eval, eval_sums)
                         update_bytes += part.update_bytes
             complete = {region for region in marked if gr.batches_complete(region)}
             if complete >= expected:
@@ -396,6 +392,16 @@ class GlobalAggregator:
                 break
         return await self._conclude(producer, consumer, mv, gr, eval_sums, lifts, update_bytes,
                                     t0)
+
+    @staticmethod
+    def _add_eval(part: pb.PartialChunk, seen: set[tuple[str, str]], sums: pb.EvalSums) -> None:
+        """Add a batch's federated-evaluation sums once (they ride on its first chunk; a region
+        of several replicas, or in FedBuff, sends one per batch)."""
+        if part.HasField("eval") and (part.region, part.batch) not in seen:
+            seen.add((part.region, part.batch))
+            sums.loss_sum += part.eval.loss_sum
+            sums.accuracy_sum += part.eval.accuracy_sum
+            sums.count += part.eval.count
 
     def _on_control(self, rec, lifts: set[str]) -> None:
         """An operator's command (read in the same transaction as the partials)."""
@@ -421,7 +427,7 @@ class GlobalAggregator:
         window = list(zip(mv.fedbuff_state.agents, mv.fedbuff_state.base_rounds))
         gr = GlobalRound(codec, r, min_group=max(self.s.min_group, task.min_group),
                          counted=window)
-        eval_sums, seen_eval = pb.EvalSums(), set()
+        eval_sums, seen_eval = pb.EvalSums(), set[tuple[str, str]]()
         lifts: set[str] = set()
         update_bytes = updates = 0
         ptp = TopicPartition(self.t.partials, 0)
@@ -458,11 +464,7 @@ class GlobalAggregator:
                     ACCEPTED.labels(SERVICE, "partial_chunk").inc()
                     updates += len(part.agents)
                     update_bytes += part.update_bytes
-                    if part.HasField("eval") and part.batch not in seen_eval:
-                        seen_eval.add(part.batch)
-                        eval_sums.loss_sum += part.eval.loss_sum
-                        eval_sums.accuracy_sum += part.eval.accuracy_sum
-                        eval_sums.count += part.eval.count
+                    self._add_eval(part, seen_eval, eval_sums)
                     if updates >= fb.buffer_size:
                         cut = rec.offset + 1
             if cut is None and time.time() > task.deadline_unix:  # a step always ends

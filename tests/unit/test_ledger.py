@@ -123,3 +123,21 @@ def test_malformed_partials_never_count():
         assert not well_formed(p), bad
     empty = pb.PartialChunk(region="region-0", declined=["c"], region_complete=True)
     assert well_formed(empty)  # a closing batch without groups
+
+
+def test_global_adds_each_batchs_evaluation_once():
+    """Federated-evaluation sums ride on each batch's first chunk: two regions' batches of the
+    same name both count, a second batch of one region counts, a repeat does not."""
+    from global_aggregator.service import GlobalAggregator
+    from schemas import fedstream_pb2 as pb
+
+    seen: set[tuple[str, str]] = set()
+    sums = pb.EvalSums()
+    for region, batch in (("region-0", "/0"), ("region-1", "/0"), ("region-0", "/1"),
+                          ("region-0", "/0")):
+        part = pb.PartialChunk(region=region, batch=batch,
+                               eval=pb.EvalSums(loss_sum=1.0, accuracy_sum=2.0, count=4))
+        GlobalAggregator._add_eval(part, seen, sums)
+    assert (sums.loss_sum, sums.accuracy_sum, sums.count) == (3.0, 6.0, 12)
+    GlobalAggregator._add_eval(pb.PartialChunk(region="region-2"), seen, sums)  # no eval
+    assert sums.count == 12
