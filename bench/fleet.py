@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -69,6 +68,7 @@ from global_aggregator.consumer import model_versions  # noqa: E402
 from schemas.cli import terminate_child  # noqa: E402
 from schemas.project import contiguous_fleet  # noqa: E402
 from schemas.signing import TrustStore  # noqa: E402
+from schemas.telemetry import scrape  # noqa: E402
 
 console = Console()
 CHANNELS = 37
@@ -129,17 +129,6 @@ def cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def accepted_updates(metrics: dict) -> float:

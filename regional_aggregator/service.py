@@ -512,7 +512,7 @@ class RegionalAggregator:
             r.eval.loss_sum += up.eval.loss_sum
             r.eval.accuracy_sum += up.eval.accuracy_sum
             r.eval.count += up.eval.count
-        if self.s.replica or r.fedbuff is not None or r.all_in():
+        if self._batched(r) or r.all_in():
             self._round_changed.set()
         return None
 
@@ -563,15 +563,19 @@ class RegionalAggregator:
 
     # -- flush: Kafka commit, then acks and receipts -------------------------------------------
 
+    def _batched(self, r: _Round) -> bool:
+        """Whether the region forwards ``r`` in several batches (replicas, FedBuff), each named,
+        numbered and read back; else one partial per round."""
+        return bool(self.s.replica) or r.fedbuff is not None
+
     def _counted(self, r: _Round, agent: str) -> bool:
         """Whether ``agent``'s update of round ``r`` is in a committed, valid group (of any
         replica of the region)."""
         if agent in r.committed:
             return True
-        # the read-back matters only where several batches may name an agent (replicas,
-        # FedBuff); a region of one sending one partial per round trusts its own account
-        return bool(self.s.replica or r.fedbuff is not None) \
-            and self.ledger.is_counted(r.ledger_round, agent)
+        # the read-back matters only where several batches may name an agent; a region of one
+        # sending one partial per round trusts its own account
+        return self._batched(r) and self.ledger.is_counted(r.ledger_round, agent)
 
     def _covered(self, r: _Round) -> bool:
         """Replicas: every expected agent counted, declined or summed here."""
@@ -599,7 +603,7 @@ class RegionalAggregator:
                     Reason.TOO_FEW_AGENTS, f"round {r.task.round}: {agent} is one of "
                     f"{r.summer.num_agents} agents, under the privacy floor of "
                     f"{r.summer.min_group}; sending an empty partial"), self.s.region)
-        batch = f"{self.s.replica}/{r.seq}" if self.s.replica or r.fedbuff is not None else ""
+        batch = f"{self.s.replica}/{r.seq}" if self._batched(r) else ""
         fp = r.task.he_fingerprint
         mv = r.model.header.model_version
         records = []
@@ -625,8 +629,8 @@ class RegionalAggregator:
                 )
                 raw = seal(pb.PARTIAL_CHUNK, part, self.s.region, self.keys.private_key,
                            topic=self.t.partials)
-                key = f"{r.task.round}/{self.s.region}/{batch}/{gi}/{i}" if batch else                     f"{r.task.round}/{self.s.region}/{gi}/{i}"
-                records.append((key.encode(), raw))
+                where = f"{batch}/{gi}" if batch else str(gi)
+                records.append((f"{r.task.round}/{self.s.region}/{where}/{i}".encode(), raw))
         last_offset = await self._commit_partial(records)
         BYTES.labels(SERVICE, "kafka_out").inc(sum(len(raw) for _, raw in records))
         valid, void = list(range(len(groups))), []
@@ -727,16 +731,19 @@ class RegionalAggregator:
                 await self._round_changed.wait()
                 continue
             wait = max(0.05, r.task.deadline_unix - time.time())
-            k = r.summer.min_group
-            idle = time.monotonic() - r.last_update
-            if r.fedbuff is not None:  # batches, for as long as the federation runs
+            if self._batched(r):
+                # woken by every update: look at most 20 times a second (coverage is O(n))
                 await asyncio.sleep(max(0.0, self._checked + 0.05 - time.monotonic()))
                 self._checked = time.monotonic()
-                n = r.summer.num_agents
-                if n >= max(k, self.s.flush_every) or (n >= k and idle >= self.s.flush_idle_s):
+                if r is not self.round or r.flushed:
+                    continue
+            idle = time.monotonic() - r.last_update
+            held = r.summer.num_agents
+            if r.fedbuff is not None:  # batches, for as long as the federation runs
+                if self._batch_due(r, idle):
                     await self._flush(r, final=False)
                     continue
-                wait = max(0.05, self.s.flush_idle_s - idle) if n else 1.0
+                wait = max(0.05, self.s.flush_idle_s - idle) if held else 1.0
             elif time.time() >= r.task.deadline_unix:
                 await self._flush(r)
                 continue
@@ -745,30 +752,28 @@ class RegionalAggregator:
                     await self._flush(r)
                     continue
             else:  # a replica: batches, and the round closes when the region's is covered
-                # (woken by every update: look at most 20 times a second, the check is O(n))
-                await asyncio.sleep(max(0.0, self._checked + 0.05 - time.monotonic()))
-                self._checked = time.monotonic()
-                if r is not self.round or r.flushed:
-                    continue
-                idle = time.monotonic() - r.last_update
                 if self._covered(r):
-                    if r.summer.num_agents or r.summer.in_flight or r.unsent_declines \
+                    if held or r.summer.in_flight or r.unsent_declines \
                             or not self.ledger.complete(r.task.round):
                         await self._flush(r, final=True)
                     else:
                         r.flushed = True  # another replica closed it
                     continue
-                if r.summer.num_agents >= max(k, self.s.flush_every) or (
-                        r.summer.num_agents >= k and idle >= self.s.flush_idle_s) or (
-                        r.unsent_declines and not r.summer.num_agents
-                        and idle >= self.s.flush_idle_s):
+                if self._batch_due(r, idle) or (r.unsent_declines and not held
+                                                and idle >= self.s.flush_idle_s):
                     await self._flush(r, final=False)
                     continue
                 wait = min(wait, max(0.05, self.s.flush_idle_s - idle)
-                           if r.summer.num_agents or r.unsent_declines else wait)
+                           if held or r.unsent_declines else wait)
             self._round_changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._round_changed.wait(), wait)
+
+    def _batch_due(self, r: _Round, idle: float) -> bool:
+        """A batch goes when it holds ``flush_every`` devices, or at least k that have been
+        quiet for ``flush_idle_s``."""
+        held, k = r.summer.num_agents, r.summer.min_group
+        return held >= max(k, self.s.flush_every) or (held >= k and idle >= self.s.flush_idle_s)
 
     async def _pump_updates(self) -> None:
         while True:
@@ -821,7 +826,7 @@ class RegionalAggregator:
         """A process of this service, as ``replica``: it takes over that replica's MQTT
         session (the broker redelivers what it had not acked and deals it new updates) and
         transactional id (fencing a zombie), and exits when the replica takes them back."""
-        argv = [a for a in sys.argv[1:]]
+        argv = list(sys.argv[1:])
         for flag in ("--replica", "--adopted-by", "--metrics-port"):
             while flag in argv:
                 i = argv.index(flag)

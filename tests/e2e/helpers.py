@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from compose.federation import Federation
 from compose.localstack import free_port
@@ -17,6 +15,7 @@ from global_aggregator.keygen import fleet, write_keys
 from global_aggregator.simulation import SimResult, project_config, project_setup, simulate
 from schemas.project import load_project
 from schemas.signing import TrustStore
+from schemas.telemetry import scrape  # noqa: F401 - the tests' name for it
 from tests.conftest import MANAGED_BROKER_LIMIT
 
 SEED = 7
@@ -67,16 +66,6 @@ def with_metrics(fed: Federation, name: str) -> int:
     port = free_port()
     fed.per_process_args.setdefault(name, []).extend(["--metrics-port", str(port)])
     return port
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """``{(sample name, sorted labels): value}`` from a service's /metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def rejected(metrics: dict, service: str, reason: str) -> float:
