@@ -44,7 +44,7 @@ from schemas.keyring import Keyring
 from schemas.mqtt import MAX_PACKET_BYTES as MAX_MESSAGE_BYTES
 from schemas.mqtt import MqttLink
 from schemas.project import check_device_id, load_project, task_hash
-from schemas.signing import header, open_envelope, open_model_version, seal
+from schemas.signing import AgentScope, header, open_envelope, open_model_version, seal
 from schemas.task import codec_params
 from schemas.telemetry import ACCEPTED, BYTES, ROUND, reject, serve
 from schemas.topics import Topics
@@ -112,7 +112,8 @@ class EdgeAgent:
         if settings.compile_cache:
             use_compile_cache(Path(settings.compile_cache))
         self.t = Topics(settings.namespace)
-        self.keys = Keyring.load(settings.keys, settings.device_id)
+        self.keys = Keyring.load(settings.keys, settings.device_id,  # no other device's key
+                                 scope=AgentScope.only(settings.device_id))
         me = self.keys.trust.get(settings.device_id)
         if me is None:  # enrolled after this trust.json was made (fedstream-fleet enrol)
             if settings.region is None:

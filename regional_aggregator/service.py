@@ -53,7 +53,7 @@ from schemas.fleet import FleetFollower
 from schemas.kafka import CLIENT_SIZES, MAX_MESSAGE_BYTES, catch_up, ensure_topics, model_consumer
 from schemas.keyring import Keyring
 from schemas.mqtt import MAX_PACKET_BYTES, AckToken, MqttLink
-from schemas.signing import header, open_envelope, open_model_version, seal
+from schemas.signing import AgentScope, header, open_envelope, open_model_version, seal
 from schemas.task import codec_params
 from schemas.telemetry import (
     ACCEPTED,
@@ -212,7 +212,9 @@ class RegionalAggregator:
     def __init__(self, settings: RegionalSettings) -> None:
         self.s = settings
         self.t = Topics(settings.namespace)
-        self.keys = Keyring.load(settings.keys, settings.region)
+        # only this region's devices: a region's memory does not grow with the rest of the fleet
+        self.keys = Keyring.load(settings.keys, settings.region,
+                                 scope=AgentScope.of_region(settings.region))
         me = self.keys.trust.get(settings.region)
         if me is None or me.role != "region":
             raise ValueError(f"{settings.region!r} is not a region of the trust store")

@@ -168,13 +168,15 @@ def open_record(data: bytes, trust: TrustStore, topic: str) -> pb.FleetRecord:
 
 def apply_record(trust: TrustStore, rec: pb.FleetRecord) -> bool:
     """Apply one opened record to ``trust``; True if it changed the store, False if it was
-    applied already.
+    applied already or names a device out of the store's scope (:class:`AgentScope`).
 
     Raises:
         InvalidMessage: ``bad_record`` when the record contradicts the store (see the module
             documentation); the store is then unchanged.
     """
     check_record(rec)
+    if rec.region and not trust.scope.keeps("agent", rec.identity, rec.region):
+        return False  # another region's device: this store does not keep it
     if rec.action == ENROL:
         return trust.enrol(rec.identity, rec.region, _key(rec.public_key, "public_key"),
                            effective_round=rec.effective_round)

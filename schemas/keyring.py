@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.he import HEContext
 from schemas.pki import KAFKA_CA, TlsFiles, ca_file_name, tls_paths
-from schemas.signing import TrustStore, load_private_key
+from schemas.signing import ALL_AGENTS, AgentScope, TrustStore, load_private_key
 
 GLOBAL_ID = "global"
 #: The operator's identity: signs control commands (lift a quarantine), nothing else.
@@ -72,7 +72,7 @@ def export_identity(keys_dir: Path, name: str, out: Path, role: str | None = Non
     consumer) and so is not in the trust store."""
     import shutil
 
-    ident = TrustStore.load(Path(keys_dir) / "trust.json").get(name)
+    ident = TrustStore.load(Path(keys_dir) / "trust.json", scope=AgentScope.only(name)).get(name)
     if ident is None and role is None:
         raise ValueError(f"{name!r} is not in {keys_dir}/trust.json")
     role, region = (ident.role, ident.region) if ident is not None else (role or "", "")
@@ -94,9 +94,10 @@ class Keyring:
 
     @classmethod
     def load(cls, keys_dir: Path, name: str, *, secret: bool = False,
-             secret_path: Path | None = None) -> Keyring:
+             secret_path: Path | None = None, scope: AgentScope = ALL_AGENTS) -> Keyring:
         """Load ``name``'s key; the secret HE context only when ``secret`` (global tier), from
-        ``secret_path`` if given (a deployment keeps it off the volume the other tiers mount)."""
+        ``secret_path`` if given (a deployment keeps it off the volume the other tiers mount);
+        of the agents in ``trust.json``, only those in ``scope``."""
         keys_dir = Path(keys_dir)
         pem = keys_dir / "identities" / f"{name}.pem"
         if not pem.exists():
@@ -107,6 +108,6 @@ class Keyring:
         return cls(
             name=name,
             private_key=load_private_key(pem),
-            trust=TrustStore.load(keys_dir / "trust.json"),
+            trust=TrustStore.load(keys_dir / "trust.json", scope=scope),
             he=HEContext.from_bytes(ctx_file.read_bytes()),
         )

@@ -138,3 +138,43 @@ def test_control_fuzz(data):
     trust = TrustStore({})
     with pytest.raises(InvalidMessage):
         open_control(data, trust, topic="fz.control")
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False,
+                    allow_infinity=False) | st.text(max_size=70),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.sampled_from(["role", "region", "public_key", "keys",
+                                                       "from", "until", "revoked", "x"]),
+                                      inner, max_size=5),
+                    max_leaves=12)
+ENTRY = st.fixed_dictionaries({}, optional={
+    "role": st.sampled_from(["agent", "region", "global", ""]) | JSON,
+    "region": st.sampled_from(["region-0", "region-1", ""]) | JSON,
+    "public_key": st.just("11" * 32) | JSON,
+    "keys": st.lists(st.fixed_dictionaries({"public_key": st.just("22" * 32) | JSON},
+                                           optional={"from": JSON, "until": JSON}), max_size=2),
+    "revoked": JSON,
+}) | JSON
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=12), ENTRY, max_size=4),
+       st.sampled_from(["all", "region-0", "only"]), st.binary(max_size=8))
+def test_trust_file_fuzz(tmp_path_factory, entries, scope, tail):
+    """Whatever an operator's trust.json holds, loading it either works or raises one
+    ValueError naming the problem: never another exception, never half a store."""
+    import json
+
+    from schemas.signing import ALL_AGENTS, AgentScope
+
+    path = tmp_path_factory.mktemp("trust") / "trust.json"
+    path.write_bytes(json.dumps({"identities": entries}).encode() + tail)
+    scopes = {"all": ALL_AGENTS, "region-0": AgentScope.of_region("region-0"),
+              "only": AgentScope.only("x")}
+    try:
+        store = TrustStore.load(path, scope=scopes[scope])
+    except ValueError as exc:
+        assert str(path) in str(exc)
+        return
+    for name in store.names():
+        assert name in entries and store.get(name) is not None

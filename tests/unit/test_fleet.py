@@ -30,7 +30,15 @@ from schemas.fleet import (
     seal_record,
 )
 from schemas.pki import Pki, make_csr, new_key
-from schemas.signing import Identity, TrustStore, header, open_envelope, save_private_key, seal
+from schemas.signing import (
+    AgentScope,
+    Identity,
+    TrustStore,
+    header,
+    open_envelope,
+    save_private_key,
+    seal,
+)
 from schemas.topics import Topics
 
 T = Topics("unit")
@@ -467,3 +475,83 @@ def test_operator_cli_help_speaks_to_an_operator(capsys):
         out = capsys.readouterr().out
         assert e.value.code == 0
         assert all(w in out for w in words), (argv, out)
+
+
+# -- scoped trust stores: a region keeps only its own devices --------------------------------
+
+
+def _fleet_file(tmp_path: Path, world) -> tuple[Path, dict[str, Ed25519PrivateKey]]:
+    trust, keys = world
+    for r in ("region-0", "region-1"):
+        for i in range(3):
+            name = f"{r}-dev-{i}"
+            keys[name] = key()
+            assert trust.enrol(name, r, keys[name].public_key())
+    path = tmp_path / "trust.json"
+    path.write_text(json.dumps(trust.dump()))
+    return path, keys
+
+
+def test_a_region_scoped_store_keeps_its_devices_and_every_service(tmp_path, world):
+    path, keys = _fleet_file(tmp_path, world)
+    full = TrustStore.load(path)
+    scoped = TrustStore.load(path, scope=AgentScope.of_region("region-0"))
+    assert full.names(role="agent", region="region-0") == \
+        scoped.names(role="agent") == ["agent-000"] + [f"region-0-dev-{i}" for i in range(3)]
+    for service in ("global", "operator", "region-0", "region-1"):
+        assert scoped.get(service) == full.get(service)
+    assert len(full) - len(scoped) == 3
+    # a device of another region is unknown here: refused before any other check
+    name = "region-1-dev-0"
+    assert full.get(name) is not None and scoped.get(name) is None
+    topic = T.update("region-0", name)
+    raw = update(name, keys[name], 1, topic)
+    open_envelope(raw, pb.UPDATE_CHUNK, full, max_bytes=1 << 20, topic=topic)
+    assert reason(open_envelope, raw, pb.UPDATE_CHUNK, scoped, max_bytes=1 << 20,
+                  topic=topic) == "unknown_signer"
+    device = TrustStore.load(path, scope=AgentScope.only("region-1-dev-2"))
+    assert device.names(role="agent") == ["region-1-dev-2"]
+    assert device.names(role="region") == ["region-0", "region-1"]
+    with pytest.raises(ValueError, match="scoped"):
+        scoped.dump()
+
+
+def test_fleet_records_of_another_region_leave_a_scoped_store_alone(world):
+    trust, keys = world
+    scoped = TrustStore({}, scope=AgentScope.of_region("region-0"))
+    for st in trust.states():
+        ident = st.identity
+        assert ident is not None
+        scoped = TrustStore({**{s.name: s.identity for s in scoped.states()},
+                             st.name: ident}, scope=scoped.scope)
+    dev_b, dev_c = key(), key()
+    other = make_record(ENROL, "dev-b", signer="operator", region="region-1",
+                        public_key=raw_public_key(dev_b))
+    mine = make_record(ENROL, "dev-c", signer="operator", region="region-0",
+                       public_key=raw_public_key(dev_c))
+    assert apply_record(trust, other) and apply_record(trust, mine)
+    assert not apply_record(scoped, other)  # "unchanged": not this region's device
+    assert apply_record(scoped, mine)
+    assert "dev-b" not in scoped and "dev-c" in scoped and "dev-b" in trust
+    # a revocation without a region reaches every store
+    bare = make_record(REVOKE, "dev-c", signer="operator")
+    assert apply_record(scoped, bare) and "dev-c" not in scoped
+
+
+@pytest.mark.parametrize("entry,match", [
+    ({"role": "agent", "region": "region-0", "public_key": "zz"}, "bad key"),
+    ({"role": "agent", "region": "region-0", "public_key": "00" * 31}, "bad key"),
+    ({"role": "agent", "region": "region-0"}, "bad key"),
+    ({"region": "region-0", "public_key": "00" * 32}, "no role"),
+    ({"role": "agent", "region": "region-0", "public_key": "00" * 32,
+      "keys": [{"public_key": "00" * 32, "from": "soon"}]}, "bad key"),
+    ("agent", "not an object"),
+])
+def test_a_bad_trust_file_says_which_identity(tmp_path, entry, match):
+    path = tmp_path / "trust.json"
+    path.write_text(json.dumps({"identities": {"dev-x": entry}}))
+    with pytest.raises(ValueError, match=match):
+        TrustStore.load(path)
+    path.write_text('{"identities": {"dev-x": {"role": ')
+    with pytest.raises(ValueError, match="not a trust store"):
+        TrustStore.load(path)
