@@ -165,17 +165,19 @@ def _timeit(fn, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def _trust_load_probe(path: Path) -> dict[str, float]:
-    """Time and RSS growth of ``Keyring``'s trust-store load, in a fresh process."""
+def _trust_load_probe(path: Path, region: str | None = None) -> dict[str, float]:
+    """Time and peak-RSS growth of a trust-store load in a fresh process: the whole fleet (the
+    global's) or one region's devices (``region``: what a regional aggregator keeps)."""
+    scope = "ALL_AGENTS" if region is None else f"AgentScope.of_region({region!r})"
     code = (
         "import time,json,sys\n"
         "from pathlib import Path\n"
-        "def rss():\n"
-        "    return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0]"
+        "def rss(k='VmHWM'):\n"
+        "    return int([l for l in open('/proc/self/status') if l.startswith(k)][0]"
         ".split()[1]) / 1024\n"
-        "from schemas.signing import TrustStore\n"
+        "from schemas.signing import ALL_AGENTS, AgentScope, TrustStore\n"
         "r0 = rss(); t0 = time.perf_counter()\n"
-        f"ts = TrustStore.load(Path({str(path)!r}))\n"
+        f"ts = TrustStore.load(Path({str(path)!r}), scope={scope})\n"
         "t1 = time.perf_counter(); names = ts.names(role='agent', region='region-0')\n"
         "t2 = time.perf_counter()\n"
         "print(json.dumps({'identities': len(ts.names()), 'load_s': t1 - t0,"
@@ -308,6 +310,8 @@ def stages(stack: LocalStack, wd: Path, params: int, max_summands: int, quick: b
 
     kafka_rates = asyncio.run(kafka_rate())
     trust_load = {str(size): _trust_load_probe(path) for size, path in trust_files.items()}
+    trust_load_region = {str(size): _trust_load_probe(path, "region-0")
+                         for size, path in trust_files.items()}
     region_update_s = open_s + verify_add_s
     return {
         "num_params": params,
@@ -327,6 +331,7 @@ def stages(stack: LocalStack, wd: Path, params: int, max_summands: int, quick: b
         "mqtt_fan_in": mqtt_rates,
         "kafka_produce": kafka_rates,
         "trust_load": trust_load,
+        "trust_load_region": trust_load_region,
     }
 
 
@@ -656,8 +661,11 @@ def report(result: dict[str, Any]) -> None:
             t.add_row(f"old completeness check (now a count), a round of {m}", f"{s:.3f} s",
                       "")
         for n, probe in st["trust_load"].items():
-            t.add_row(f"TrustStore.load, {int(n):,} devices",
-                      f"{probe['load_s']:.2f} s", f"+{probe['rss_mib']:.0f} MiB")
+            t.add_row(f"TrustStore.load, {int(n):,} devices (the global: all)",
+                      f"{probe['load_s']:.2f} s", f"+{probe['rss_mib']:.1f} MiB")
+        for n, probe in st.get("trust_load_region", {}).items():
+            t.add_row(f"TrustStore.load, {int(n):,} devices (a region: its own)",
+                      f"{probe['load_s']:.2f} s", f"+{probe['rss_mib']:.1f} MiB")
         console.print(t)
     t = Table(title="fleet benchmark (real brokers, real aggregators, fedstream-loadgen)")
     t.add_column("measure")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what fedstream needs on a fresh Debian machine, and nothing that is already there:
-# Mosquitto (Debian package), Apache Kafka's jars (Maven Central, KRaft single node) and the
-# Python environment (.venv, this package with its dev extras). Idempotent; safe to run twice.
+# Mosquitto, Prometheus and Alertmanager (Debian packages), Apache Kafka's jars (Maven Central,
+# KRaft single node) and the Python environment (.venv, this package with its dev extras).
+# Idempotent; safe to run twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,16 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   echo "[install] mosquitto (apt)"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
+fi
+
+# Prometheus and Alertmanager (Debian packages; compose/monitoring.py runs the binaries as child
+# processes with their own configs: the packages' system services are not needed)
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1 \
+    || ! { command -v prometheus-alertmanager || command -v alertmanager; } >/dev/null 2>&1; then
+  echo "[install] prometheus, prometheus-alertmanager (apt)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    prometheus prometheus-alertmanager >/dev/null
 fi
 
 POM_SHA=$(sha256sum compose/kafka/pom.xml | cut -c1-16)

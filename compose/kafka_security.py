@@ -3,7 +3,8 @@
 The broker (``LocalStack(secure=True)``, or any Kafka set up the same way) takes each client's
 principal from its certificate's CN (``User:global``, ``User:region-0``, ...), denies whatever no
 ACL allows and lets only ``User:kafka-broker`` and ``User:admin`` (super users) do anything. For a
-namespace ``ns`` (topics ``ns.partials``, ``ns.models``, ``ns.control``, ``ns.fleet``),
+namespace ``ns`` (topics ``ns.partials``, ``ns.models``, ``ns.history``, ``ns.control``,
+``ns.fleet``),
 :func:`federation_acls` allows exactly what the services do:
 
 - a region ``r`` writes partials, in transactions under its own transactional id
@@ -12,12 +13,12 @@ namespace ``ns`` (topics ``ns.partials``, ``ns.models``, ``ns.control``, ``ns.fl
   others committed; this shows a region the other regions' participant lists and encrypted sums,
   never a clear update), all by assignment: no consumer group;
 - the global aggregator reads partials and control (by assignment, committing its position with
-  each model version into the group ``ns-global``: group READ), writes and reads models, in
-  transactions under ``ns-global``, and reads fleet;
-- the operator writes control and fleet, reads fleet and models, and may create (and describe)
-  the federation's four topics (``fedstream-fleet``/``ensure_topics``);
-- a streaming consumer reads models, and may use consumer groups whose names start with
-  ``ns-consumer``;
+  each model version into the group ``ns-global``: group READ), writes and reads models and
+  the model history (the same transaction), in transactions under ``ns-global``, and reads fleet;
+- the operator writes control and fleet, reads fleet, models and history, and may create (and
+  describe) the federation's five topics (``fedstream-fleet``/``ensure_topics``);
+- a streaming consumer reads models and history, and may use consumer groups whose names start
+  with ``ns-consumer``;
 - a device gets nothing (and its certificate, from its region's CA, does not even pass the TLS
   handshake: Kafka trusts the Kafka CA only).
 
@@ -140,17 +141,20 @@ def federation_acls(namespace: str, regions: Sequence[str], *, global_id: str = 
     allow(global_id, "topic", t.control, "read", "describe")
     allow(global_id, "group", global_group_id(namespace), "read")
     allow(global_id, "topic", t.models, "write", "describe", "read")
+    allow(global_id, "topic", t.history, "write", "describe", "read")
     allow(global_id, "transactional_id", global_transactional_id(namespace), "write", "describe")
     allow(global_id, "topic", t.fleet, "read", "describe")
 
     allow(operator_id, "topic", t.control, "write", "describe")
     allow(operator_id, "topic", t.fleet, "write", "describe", "read")
     allow(operator_id, "topic", t.models, "read", "describe")
-    for topic in (t.partials, t.models, t.control, t.fleet):  # literal: no other namespace's
+    allow(operator_id, "topic", t.history, "read", "describe")
+    for topic in (t.partials, t.models, t.history, t.control, t.fleet):  # literal: no other ns'
         allow(operator_id, "topic", topic, "create", "describe")
 
     for consumer in consumers:
         allow(consumer, "topic", t.models, "read", "describe")
+        allow(consumer, "topic", t.history, "read", "describe")
         allow(consumer, "group", consumer_group_prefix(namespace), "read", pattern="prefixed")
 
     return list(dict.fromkeys(acls))  # one of each, in order

@@ -65,6 +65,12 @@ DEFAULT_TOPICS: tuple[dict, ...] = (
         "partitions": 1,
         "config": {"cleanup.policy": "compact", "max.message.bytes": str(KAFKA_MAX_MESSAGE_BYTES)},
     },
+    {   # every model version, kept forever (schemas.kafka.HISTORY_CONFIG)
+        "name": "fedstream.history",
+        "partitions": 1,
+        "config": {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1",
+                   "max.message.bytes": str(KAFKA_MAX_MESSAGE_BYTES)},
+    },
 )
 
 

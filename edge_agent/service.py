@@ -33,12 +33,14 @@ from edge_agent.train import (
     LocalTrainConfig,
     evaluate,
     local_seed,
+    new_dp_seed,
     train_local,
     use_compile_cache,
 )
 from schemas import fedstream_pb2 as pb
 from schemas.cli import MqttClient, ServiceSettings, tune_malloc
 from schemas.codec import Codec, update_seed
+from schemas.dp import NoiseSource, dpsgd_epsilon
 from schemas.errors import InvalidMessage, Reason
 from schemas.keyring import Keyring
 from schemas.mqtt import MAX_PACKET_BYTES as MAX_MESSAGE_BYTES
@@ -46,7 +48,7 @@ from schemas.mqtt import MqttLink
 from schemas.project import check_device_id, load_project, task_hash
 from schemas.signing import AgentScope, header, open_envelope, open_model_version, seal
 from schemas.task import codec_params
-from schemas.telemetry import ACCEPTED, BYTES, ROUND, reject, serve
+from schemas.telemetry import ACCEPTED, BYTES, PRIVACY_DELTA, PRIVACY_EPSILON, ROUND, reject, serve
 from schemas.topics import Topics
 
 log = logging.getLogger("fedstream.edge")
@@ -144,6 +146,7 @@ class EdgeAgent:
         self._stop = asyncio.Event()
         self._busy = False
         self._newest_version = -1
+        self._dp_steps = 0  # DP-SGD: noisy local steps taken so far (this process)
 
     def _republish(self) -> None:
         """Called in paho's thread after each (re)connect: resend every unreceipted update."""
@@ -152,6 +155,23 @@ class EdgeAgent:
             for raw in chunks:
                 self.mqtt.publish(self.t.update(self.region, self.s.agent_id), raw)
 
+    def _account_examples(self, n: int, cfg: LocalTrainConfig, steps: int,
+                          delta: float) -> None:
+        """Example-level DP-SGD: this device's own epsilon over every noisy step it took so far
+        (its data, its examples; exported as fedstream_privacy_epsilon)."""
+        self._dp_steps += steps
+        if not 0 < delta < 1:
+            log.warning("%s: the round task gives no delta for DP-SGD: epsilon not accounted",
+                        self.s.agent_id)
+            return
+        batch = min(cfg.batch_size or n, n)
+        # dpsgd_epsilon counts ceil(epochs * n / batch) steps: these epochs give exactly ours
+        eps = dpsgd_epsilon(n, batch, self._dp_steps * batch / n, cfg.dp_noise_multiplier, delta)
+        PRIVACY_EPSILON.set(eps)
+        PRIVACY_DELTA.set(delta)
+        log.info("%s: DP-SGD over %d steps of %d examples (batch %d): epsilon %.4f at delta %g",
+                 self.s.agent_id, self._dp_steps, n, batch, eps, delta)
+
     def build_update(self, mv: pb.ModelVersion) -> list[bytes]:
         """Train on the local data from ``mv`` and return the signed update chunk envelopes
         (blocking: call it off the event loop)."""
@@ -159,16 +179,24 @@ class EdgeAgent:
         spec = self.spec
         cfg = LocalTrainConfig(optimizer=task.train.optimizer, lr=task.train.lr,
                                epochs=task.train.epochs, batch_size=task.train.batch_size,
-                               prox_mu=task.train.prox_mu)
+                               prox_mu=task.train.prox_mu, dp_clip=task.train.dp_clip,
+                               dp_noise_multiplier=task.train.dp_noise_multiplier)
         codec = Codec(codec_params(task.codec), mv.num_params,
                       self.keys.he if task.codec.encrypted else None)
         params = np.frombuffer(mv.params, "<f4").copy()
         data = load_device_data(self.loader, self.data_ctx, spec.input_shape)  # data_error
         x, y, xt, yt = data.x_train, data.y_train, data.x_test, data.y_test
         ev = evaluate(spec, params, xt, yt) if self.s.report_eval else {}
-        delta, n, _ = train_local(spec, params, x, y, cfg,
-                                  local_seed(task.seed, task.round, self.s.agent_id))
-        payloads = codec.encode(delta, n, update_seed(task.seed, task.round, self.s.agent_id))
+        delta, n, stats = train_local(spec, params, x, y, cfg,
+                                      local_seed(task.seed, task.round, self.s.agent_id),
+                                      dp_seed=new_dp_seed() if cfg.dp else None)
+        if cfg.dp:
+            self._account_examples(n, cfg, int(stats["dp_steps"]), task.train.dp_delta)
+        # distributed DP: the noise comes from this device's own secret randomness, never from
+        # the federation seed the global knows
+        noise = NoiseSource.secure() if codec.params.noisy else None
+        payloads = codec.encode(delta, n, update_seed(task.seed, task.round, self.s.agent_id),
+                                noise)
         weight = codec.weight(n)
         topic = self.t.update(self.region, self.s.agent_id)
         chunks = []
@@ -277,7 +305,7 @@ class EdgeAgent:
             log.info("%s: round %d receipted", self.s.agent_id, rc.header.round)
 
     async def run(self) -> None:
-        serve(self.s.metrics_port)
+        serve(self.s.metrics_port, SERVICE, self.s.metrics_host)
         loop = asyncio.get_running_loop()
         self.mqtt = MqttLink(
             host=self.s.mqtt_host, port=self.s.mqtt_port,

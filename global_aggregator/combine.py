@@ -58,6 +58,8 @@ class RoundResult:
     excluded: list[Excluded] = field(default_factory=list)
     #: FedBuff: region -> (agent, base round, multiplicity) of every update that counted
     updates: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+    #: devices in each sum that was decrypted, in order (the privacy accounting's releases)
+    releases: list[int] = field(default_factory=list)
 
     @property
     def num_participants(self) -> int:
@@ -105,6 +107,7 @@ class GlobalRound:
         self._owner: dict[tuple[str, int], tuple[str, str, int]] = {
             (a, int(b)): ("an earlier step", "", -1) for a, b in counted}
         self.summands = 0  # of every group admitted so far (FedBuff steps watch the budget)
+        self.releases: list[int] = []  # devices in every sum decrypted so far
 
     def add_partial(self, region: str, group: int, group_count: int, chunk_index: int,
                     payload: bytes, agents: Sequence[str], weights: Sequence[int],
@@ -220,6 +223,7 @@ class GlobalRound:
         accs = [g.acc for g in groups if g.acc is not None]
         total = Accumulator.total(self.codec, accs)
         n, clear = total.summands, sum(g.weight for g in groups)
+        self.releases.append(sum(len(g.agents) for g in groups))
         try:
             qsum, weight = total.decode()
             check_sum(self.codec, qsum, weight, summands=n, clear_weight=clear)
@@ -234,7 +238,7 @@ class GlobalRound:
         regions = {r: gs for r, gs in regions.items() if gs}
         every = [g for gs in regions.values() for g in gs]
         if not every:
-            return RoundResult(None, 0, {})
+            return RoundResult(None, 0, {}, releases=self.releases)
         first = self._test(every)
         if not isinstance(first, BoundsExceeded):
             qsum, weight = first
@@ -260,7 +264,7 @@ class GlobalRound:
                     weight += one[1]
                     kept.setdefault(r, []).append(g)
         if not kept:
-            return RoundResult(None, 0, {}, excluded)
+            return RoundResult(None, 0, {}, excluded, releases=self.releases)
         return self._result(qsum, weight, kept, excluded)
 
     def _result(self, qsum: np.ndarray, weight: int, kept: dict[str, list[_Group]],
@@ -270,7 +274,7 @@ class GlobalRound:
         updates = {r: sorted((a, b, m) for g in gs
                              for a, b, m in zip(g.agents, g.base_rounds, g.multiplicities))
                    for r, gs in kept.items()}
-        return RoundResult(avg, int(weight), participants, excluded, updates)
+        return RoundResult(avg, int(weight), participants, excluded, updates, self.releases)
 
 
 def next_model(

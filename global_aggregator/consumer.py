@@ -11,19 +11,17 @@ Usage::
         print(version.version, version.round, version.metrics["server_accuracy"])
         weights = version.params            # float32 numpy vector (ravel_pytree order)
 
-or from a shell: ``fedstream-models --kafka 127.0.0.1:9092 --trust keys/trust.json --follow``.
+or from a shell: ``fedstream-models --kafka 127.0.0.1:9092 --trust keys/trust.json --follow``
+(``fedstream-models list | show | diff | export | rollback``: the model history, see
+:mod:`global_aggregator.history` and :mod:`global_aggregator.models_cli`).
 Non-Python consumers decode ``schemas/fedstream.proto`` (Envelope -> ModelVersion) and verify the
 signature over the bytes documented in :mod:`schemas.signing`.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from aiokafka import TopicPartition
@@ -33,8 +31,6 @@ from schemas.errors import InvalidMessage
 from schemas.kafka import (
     MAX_MESSAGE_BYTES,
     KafkaConn,
-    add_kafka_args,
-    kafka_conn_from_args,
     model_consumer,
 )
 from schemas.signing import TrustStore, open_model_version
@@ -130,39 +126,11 @@ async def model_versions(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        prog="fedstream-models",
-        description="Print verified model versions from the Kafka model topic, one JSON line "
-        "each (version, round, metrics, participants); unverifiable records are skipped.",
-    )
-    add_kafka_args(ap, "this consumer")
-    ap.add_argument("--trust", type=Path, required=True, help="trust.json from fedstream-keygen")
-    ap.add_argument("--identity", default="consumer",
-                    help="this consumer's identity, the CN of its Kafka certificate (its TLS "
-                    "files default to tls/<identity>.* beside the trust file)")
-    ap.add_argument("--namespace", default="fedstream", help="topic namespace")
-    ap.add_argument("--model", default=None, help="only this model name")
-    ap.add_argument("--follow", action="store_true", help="keep waiting for new versions")
-    ap.add_argument("--save", type=Path, default=None,
-                    help="write each version's parameters to DIR/<model>-v<version>.npy")
-    a = ap.parse_args(argv)
-    trust = TrustStore.load(a.trust)
-    try:
-        conn = kafka_conn_from_args(a, a.trust.parent, a.identity, "consumer")
-    except ValueError as exc:
-        ap.error(str(exc))
+    """``fedstream-models``: this streaming consumer as a command (one JSON line per version),
+    and the model history's list, show, diff, export and rollback (models_cli.py)."""
+    from global_aggregator.models_cli import main as cli
 
-    async def run() -> None:
-        async for v in model_versions(conn, trust, namespace=a.namespace, model_name=a.model,
-                                      follow=a.follow):
-            if a.save:
-                a.save.mkdir(parents=True, exist_ok=True)
-                np.save(a.save / f"{v.model_name}-v{v.version}.npy", v.params)
-            print(json.dumps({"model": v.model_name, "version": v.version, "round": v.round,
-                              "final": v.final, "num_params": int(v.params.size),
-                              "metrics": v.metrics, "participants": v.participants}), flush=True)
-
-    asyncio.run(run())
+    cli(argv)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from rich.table import Table
 
 from compose.federation import Federation
 from compose.localstack import LocalStack
+from compose.monitoring import monitor_federation
 from edge_agent.models import resolve
 from global_aggregator.consumer import model_versions
 from global_aggregator.keygen import write_keys
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                            namespaces=[namespace])
         info = stack.start()
     console.print(f"brokers up, {mode}")
-    fed = None
+    fed = monitoring = None
     try:
         assert info.kafka_bootstrap is not None  # the demo's stack always runs Kafka
         fed = Federation(
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
                          *(["--no-codec.encrypted"] if a.plaintext else [])],
             edge_args=[] if project.table.server_eval else ["--report-eval"],
         )
+        # Prometheus + Alertmanager scrape every process (compose/monitoring.py)
+        monitoring = monitor_federation(fed, a.out / "monitoring", console.print)
         fed.start_all()
         history = asyncio.run(_follow(fed, TrustStore.load(keys / "trust.json"), rounds,
                                       console))
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
             if fed is not None:
                 fed.stop_all()
             stack.stop()
+            if monitoring is not None:
+                monitoring.stop()
     (a.out / "history.json").write_text(json.dumps(history, indent=2))
     png = plot_rounds(history, a.out / "demo.png",
                       title=f"fedstream demo: {project.name}, {num_agents} devices in "

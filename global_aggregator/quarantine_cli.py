@@ -39,12 +39,12 @@ async def quarantine_state(kafka: str | KafkaConn, trust: TrustStore, namespace:
             "strikes": dict(mv.quarantine.strikes)}
 
 
-async def lift(kafka: str | KafkaConn, keys_dir: Path, namespace: str, agents: list[str],
-               identity: str = OPERATOR_ID) -> None:
-    """Append one signed ``lift`` command for ``agents`` to the control topic."""
+async def send_control(kafka: str | KafkaConn, keys_dir: Path, namespace: str,
+                       cmd: pb.Control, identity: str = OPERATOR_ID) -> None:
+    """Sign ``cmd`` as ``identity`` (its key in ``keys_dir``) and append it to the control
+    topic (an operator's command to the global aggregator: a lift, a rollback)."""
     t = Topics(namespace)
     key = load_private_key(Path(keys_dir) / "identities" / f"{identity}.pem")
-    cmd = pb.Control(header=header(identity, 0, 0, ""), action="lift", agents=agents)
     await ensure_topics(kafka, t)
     producer = AIOKafkaProducer(**as_conn(kafka).kwargs(), enable_idempotence=True, acks="all",
                                 **CLIENT_SIZES)
@@ -54,6 +54,13 @@ async def lift(kafka: str | KafkaConn, keys_dir: Path, namespace: str, agents: l
                                                      topic=t.control))
     finally:
         await producer.stop()
+
+
+async def lift(kafka: str | KafkaConn, keys_dir: Path, namespace: str, agents: list[str],
+               identity: str = OPERATOR_ID) -> None:
+    """Append one signed ``lift`` command for ``agents`` to the control topic."""
+    cmd = pb.Control(header=header(identity, 0, 0, ""), action="lift", agents=agents)
+    await send_control(kafka, keys_dir, namespace, cmd, identity)
 
 
 def main(argv: list[str] | None = None) -> None:

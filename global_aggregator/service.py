@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,11 @@ from pydantic import Field
 
 from edge_agent.models import init_flat, model_hash, project_spec, resolve
 from edge_agent.train import LocalTrainConfig, evaluate
+from global_aggregator.canary import Canaries
 from global_aggregator.combine import GlobalRound, RoundResult
+from global_aggregator.history import history_key
+from global_aggregator.privacy import PrivacyPlan
+from global_aggregator.rollback import Rollbacks, open_command
 from global_aggregator.sampling import select_agents
 from global_aggregator.strategies import (
     init_state,
@@ -58,7 +63,7 @@ from schemas.kafka import (
 from schemas.keyring import GLOBAL_ID, Keyring
 from schemas.project import load_project, task_hash
 from schemas.settings import FederationSettings
-from schemas.signing import header, open_control, open_envelope, seal
+from schemas.signing import header, open_envelope, seal
 from schemas.task import codec_params, codec_spec
 from schemas.telemetry import (
     ACCEPTED,
@@ -67,9 +72,15 @@ from schemas.telemetry import (
     BYTES,
     DUPLICATES,
     KAFKA_RETRIES,
+    PRIVACY_BUDGET,
+    PRIVACY_DELTA,
+    PRIVACY_EPSILON,
     QUARANTINED,
     ROUND,
     ROUND_SECONDS,
+    observe_lag,
+    published,
+    record_round,
     reject,
     serve,
 )
@@ -99,6 +110,16 @@ class GlobalSettings(ServiceSettings, KafkaClient, FederationSettings):
         "seconds (or until SIGTERM) so the last round's numbers can be scraped")
     kafka_retry_s: float = Field(2.0, gt=0, description="pause before resuming after a Kafka "
                                  "error")
+    canary_fraction: float = Field(
+        0.0, ge=0, le=1, description="canary rounds (sync mode; devices need --report-eval): "
+        "each round's new version goes first to this fraction of the regions only, whose "
+        "devices evaluate it; it is then promoted to every region, or rolled back (0: off)")
+    canary_max_drop: float = Field(
+        0.05, ge=0, le=1, description="roll a canary candidate back when its federated "
+        "accuracy on the canary regions is more than this below the stable version's")
+    accuracy_target: float | None = Field(
+        None, gt=0, le=1, description="M10: count the rounds until the global model's accuracy "
+        "first reaches this (fedstream_rounds_to_target)")
 
     @property
     def transactional_id(self) -> str:
@@ -109,9 +130,11 @@ class GlobalSettings(ServiceSettings, KafkaClient, FederationSettings):
         return f"{self.namespace}-global"
 
 
-def train_spec(cfg: LocalTrainConfig) -> pb.TrainSpec:
+def train_spec(cfg: LocalTrainConfig, dp_delta: float = 0.0) -> pb.TrainSpec:
     return pb.TrainSpec(optimizer=cfg.optimizer, lr=cfg.lr, epochs=cfg.epochs,
-                        batch_size=cfg.batch_size, prox_mu=cfg.prox_mu)
+                        batch_size=cfg.batch_size, prox_mu=cfg.prox_mu, dp_clip=cfg.dp_clip,
+                        dp_noise_multiplier=cfg.dp_noise_multiplier,
+                        dp_delta=dp_delta if cfg.dp else 0.0)
 
 
 class GlobalAggregator:
@@ -129,11 +152,16 @@ class GlobalAggregator:
         self.spec = project_spec(self.project)
         self.model_hash = model_hash(self.spec)
         self.codec_params = settings.codec.params()
+        self.privacy = self._privacy_plan(settings)
         codec = self._round_codec(0)  # refuses an unsummable plan before anything starts
         self.fedbuff = settings.fedbuff()
         if self.fedbuff is not None:
             check_budget(self.fedbuff, self.codec_params.max_summands, codec.num_chunks)
         self.train = LocalTrainConfig(**settings.train.model_dump())
+        if settings.privacy.mode == "example":  # DP-SGD on every device; each accounts its own
+            assert settings.privacy.noise_multiplier is not None
+            self.train = replace(self.train, dp_clip=settings.privacy.example_clip,
+                                 dp_noise_multiplier=settings.privacy.noise_multiplier)
         self.opt = make_server_optimizer(settings.strategy, lr=settings.server_lr,
                                          momentum=settings.server_momentum, b1=settings.b1,
                                          b2=settings.b2, tau=settings.tau)
@@ -151,6 +179,8 @@ class GlobalAggregator:
         self.done = asyncio.Event()
         self._stop = asyncio.Event()
         self.history: list[dict] = []
+        self.rollbacks = Rollbacks(self)  # operators' rollback requests of the open round
+        self.canaries = Canaries(self)  # --canary-fraction: candidates, canary rounds
 
     @property
     def agents(self) -> list[str]:
@@ -175,7 +205,7 @@ class GlobalAggregator:
         codec = self._round_codec(round_id)
         return pb.RoundTask(
             round=round_id, model_version=version, codec=codec_spec(codec.params),
-            train=train_spec(self.train), deadline_unix=time.time() + self.s.deadline_s,
+            train=train_spec(self.train, self.s.privacy.delta), deadline_unix=time.time() + self.s.deadline_s,
             min_participants=self.s.min_participants, he_fingerprint=self.keys.he.fingerprint,
             seed=self.s.seed, selected_agents=selected if len(selected) < len(agents) else [],
             model_name=self.spec.factory, task_name=self.project.name,
@@ -186,11 +216,48 @@ class GlobalAggregator:
             fedbuff=self.fedbuff.spec() if self.fedbuff is not None else None,
         )
 
+    def _privacy_plan(self, settings: GlobalSettings) -> PrivacyPlan | None:
+        """Distributed DP: the noise every device adds (in the codec of every round task)."""
+        if settings.privacy.mode != "distributed":
+            return None
+        if settings.mode == "fedbuff":
+            raise ValueError("distributed DP with --mode fedbuff is not supported yet: a step's "
+                             "sum mixes rounds, which the accounting does not model")
+        agents = self.agents
+        sample = len(select_agents(agents, settings.clients_per_round, settings.seed, 1))
+        plan = PrivacyPlan.make(settings.privacy, self.codec_params, self.spec.num_params,
+                                rounds=settings.rounds, population=len(agents), sample=sample)
+        self.codec_params = plan.codec_params(self.codec_params)
+        PRIVACY_BUDGET.set(plan.budget or 0.0)
+        PRIVACY_DELTA.set(plan.delta)
+        log.info("distributed DP: each device adds discrete Gaussian noise of std %.1f "
+                 "quantization steps (bound %d); %d devices' noise makes a round's total, "
+                 "sensitivity %.1f; budget epsilon %s at delta %g", plan.sigma_device,
+                 plan.noise_bound, plan.n_min, plan.sensitivity, plan.budget, plan.delta)
+        return plan
+
+    def _account(self, mv: pb.ModelVersion, result: RoundResult) -> pb.Privacy | None:
+        """The privacy spent once this round's sums are released (None: DP off)."""
+        if self.privacy is None:
+            return None
+        task = mv.next_task
+        population = len(self.agents)
+        sample = len(task.selected_agents) or population
+        prev = mv.provenance.privacy if mv.provenance.HasField("privacy") else None
+        spent = self.privacy.account(prev, population, sample, result.releases)
+        spent.budget_reached = not self.privacy.may_run_another(spent, population, sample)
+        PRIVACY_EPSILON.set(spent.epsilon)
+        if spent.budget_reached and task.round < self.s.rounds:
+            log.warning("privacy budget: epsilon %.3f spent, one more round would exceed %.3f: "
+                        "round %d's version is the final one", spent.epsilon,
+                        spent.budget, task.round)
+        return spent
+
     def _version(self, version: int, round_id: int, params: np.ndarray, opt_state_raw: bytes,
                  provenance: pb.Provenance,
                  quarantine: pb.Quarantine | None = None) -> pb.ModelVersion:
         quarantine = quarantine if quarantine is not None else pb.Quarantine()
-        final = round_id >= self.s.rounds
+        final = round_id >= self.s.rounds or provenance.privacy.budget_reached
         mv = pb.ModelVersion(
             header=header(GLOBAL_ID, round_id, version, self.keys.he.fingerprint),
             model_name=self.project.name, num_params=int(params.size),
@@ -228,7 +295,7 @@ class GlobalAggregator:
 
     async def run(self) -> None:
         """Run rounds until the final version; after a Kafka failure, resume from the topics."""
-        serve(self.s.metrics_port)
+        serve(self.s.metrics_port, SERVICE, self.s.metrics_host)
         stop = asyncio.create_task(self._stop.wait(), name="stop")
         try:
             while not self.done.is_set():
@@ -291,11 +358,13 @@ class GlobalAggregator:
         raw = seal(pb.MODEL_VERSION, mv, GLOBAL_ID, self.keys.private_key, topic=self.t.models)
         async with producer.transaction():
             await producer.send(self.t.models, raw, key=mv.model_name.encode())
+            await producer.send(self.t.history, raw, key=history_key(mv))  # kept forever
             if consumer is not None and consumer.assignment():
                 at = {tp: await consumer.position(tp) for tp in consumer.assignment()}
                 at.update(offsets or {})
                 await producer.send_offsets_to_transaction(at, self.s.group_id)
         BYTES.labels(SERVICE, "kafka_out").inc(len(raw))
+        published(SERVICE, mv.header.model_version, mv.final)
         return raw
 
     async def _rounds(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
@@ -353,9 +422,10 @@ class GlobalAggregator:
         marked: set[str] = set()  # regions whose round-closing batch arrived
         lifts: set[str] = set()  # agents an operator released from quarantine
         update_bytes = 0
-        expected = set(self.regions)
+        expected = self.canaries.start_round(mv, set(self.regions))  # canary: its regions
         while True:
             batch = await consumer.getmany(timeout_ms=200)
+            await observe_lag(consumer, SERVICE)
             for tp, recs in batch.items():
                 for rec in recs:
                     BYTES.labels(SERVICE, "kafka_in").inc(len(rec.value))
@@ -382,9 +452,12 @@ class GlobalAggregator:
                     else:
                         ACCEPTED.labels(SERVICE, "partial_chunk").inc()
                         self._add_eval(part, seen_eval, eval_sums)
+                        self.canaries.observe(part)
                         update_bytes += part.update_bytes
             complete = {region for region in marked if gr.batches_complete(region)}
             if complete >= expected:
+                break
+            if await self.rollbacks.due(mv.header.model_version):  # ends the round at once
                 break
             if time.time() > task.deadline_unix + self.s.grace_s:  # a round always ends
                 log.warning("round %d: deadline passed, closing with regions %s", r,
@@ -406,9 +479,14 @@ class GlobalAggregator:
     def _on_control(self, rec, lifts: set[str]) -> None:
         """An operator's command (read in the same transaction as the partials)."""
         try:
-            lifts.update(open_control(rec.value, self.keys.trust, topic=self.t.control).agents)
+            cmd = open_command(rec.value, self.keys.trust, topic=self.t.control)
         except InvalidMessage as exc:
             reject(SERVICE, exc, f"control record at offset {rec.offset}")
+            return
+        if cmd.action == "rollback":  # global_aggregator/rollback.py
+            self.rollbacks.request(cmd)
+        else:
+            lifts.update(cmd.agents)
 
     async def _one_step(self, producer, consumer, mv: pb.ModelVersion) -> pb.ModelVersion:
         """One FedBuff server step: read partials in topic order until ``buffer_size`` updates
@@ -434,6 +512,7 @@ class GlobalAggregator:
         cut: int | None = None
         while cut is None:
             batch = await consumer.getmany(timeout_ms=200)
+            await observe_lag(consumer, SERVICE)
             for tp, recs in batch.items():
                 for rec in recs:
                     if tp.topic == self.t.control:
@@ -492,6 +571,11 @@ class GlobalAggregator:
                         fedbuff_state: pb.FedBuffState | None = None) -> pb.ModelVersion:
         """Decrypt the round's (or FedBuff step's) total, step the server optimizer and publish
         the next version with the consumer offsets (``offsets``: explicit, else positions)."""
+        if await self.rollbacks.due(mv.header.model_version):  # replaces this round's result
+            return await self.rollbacks.publish(producer, consumer, mv, lifts, offsets,
+                                                fedbuff_state)
+        if mv.HasField("canary"):  # a canary round ends: promote its candidate or roll back
+            return await self.canaries.decide(producer, consumer, mv, lifts, offsets)
         task = mv.next_task
         r, version = task.round, mv.header.model_version
         params = np.frombuffer(mv.params, "<f4").copy()
@@ -526,13 +610,18 @@ class GlobalAggregator:
              for k, u in sorted(result.updates.items())],
             excluded=[pb.ExcludedGroup(region=e.region, agents=e.agents, reason=str(e.reason),
                                        detail=e.detail) for e in result.excluded],
+            privacy=self._account(mv, result),
         )
         new = self._version(version + 1, r, np.asarray(params, np.float32),
                             state_to_bytes(state), prov, quarantine)
+        self.canaries.propose(new, mv)  # --canary-fraction: a candidate for some regions first
         if fedbuff_state is not None:
             new.fedbuff_state.CopyFrom(fedbuff_state)
         raw = await self._publish(producer, new, consumer, offsets)
         ROUND_SECONDS.observe(time.time() - t0)
+        record_round(metrics, r, None if task.HasField("fedbuff") else len(
+            set(task.selected_agents or self.agents) - set(task.quarantined_agents)),
+            self.s.accuracy_target)
         self.history.append({"round": r, "version": version + 1, "bytes": len(raw), **metrics})
         log.info("round %d -> model v%d: %d participants%s", r, version + 1, n,
                  f", server accuracy {metrics['server_accuracy']:.3f}"

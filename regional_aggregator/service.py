@@ -38,6 +38,7 @@ from regional_aggregator.ratelimit import TokenBuckets
 from regional_aggregator.robust import make_rule
 from regional_aggregator.summing import RegionalSum, device_of
 from schemas import fedstream_pb2 as pb
+from schemas.canary import relayed_by
 from schemas.cli import (
     KafkaClient,
     MqttClient,
@@ -61,8 +62,11 @@ from schemas.telemetry import (
     DUPLICATES,
     INBOX_DEPTH,
     KAFKA_RETRIES,
+    PARTIAL_COMMIT_SECONDS,
     PROJECT_VERSIONS,
     ROUND,
+    STALENESS,
+    published,
     reject,
     serve,
 )
@@ -274,6 +278,12 @@ class RegionalAggregator:
                                      f"is older than v{newest}, already relayed")
             return
         self._newest_version = mv.header.model_version
+        if not relayed_by(mv, self.s.region):  # a canary for other regions: keep the stable one
+            log.info("%s: v%d is a canary candidate for %s; our devices keep v%d",
+                     self.s.region, mv.header.model_version, list(mv.canary.regions),
+                     mv.canary.stable_version)
+            return
+        published(SERVICE, mv.header.model_version, mv.final)
         self._model_raw = raw
         self.mqtt.publish(self.t.model(self.s.region), raw, retain=True)
         BYTES.labels(SERVICE, "mqtt_out").inc(len(raw))
@@ -510,6 +520,7 @@ class RegionalAggregator:
         r.update_bytes += len(msg.payload)
         if up.header.chunk_index == 0:
             self._count_version(r, up)
+            STALENESS.observe(max(0, r.model.header.model_version - up.header.model_version))
         if up.header.chunk_index == 0 and up.HasField("eval"):
             r.eval.loss_sum += up.eval.loss_sum
             r.eval.accuracy_sum += up.eval.accuracy_sum
@@ -633,7 +644,8 @@ class RegionalAggregator:
                            topic=self.t.partials)
                 where = f"{batch}/{gi}" if batch else str(gi)
                 records.append((f"{r.task.round}/{self.s.region}/{where}/{i}".encode(), raw))
-        last_offset = await self._commit_partial(records)
+        with PARTIAL_COMMIT_SECONDS.time():
+            last_offset = await self._commit_partial(records)
         BYTES.labels(SERVICE, "kafka_out").inc(sum(len(raw) for _, raw in records))
         valid, void = list(range(len(groups))), []
         if batch and self._ledger_follower is not None:
@@ -847,7 +859,7 @@ class RegionalAggregator:
         # multi-MB messages come from the heap and a burst of them leaves RSS high for good: a
         # fixed threshold keeps a flood of large junk messages from growing the region
         tune_malloc(mmap_threshold=128 * 1024)
-        serve(self.s.metrics_port)
+        serve(self.s.metrics_port, SERVICE, self.s.metrics_host)
         loop = asyncio.get_running_loop()
         self.mqtt = MqttLink(
             host=self.s.mqtt_host, port=self.s.mqtt_port,

@@ -62,6 +62,9 @@ class ServiceSettings(BaseSettings):
 
     namespace: str = Field("fedstream", description="prefix of every MQTT and Kafka topic")
     metrics_port: int | None = Field(None, description="serve Prometheus metrics on this port")
+    metrics_host: str = Field(
+        "127.0.0.1", description="address /metrics listens on (0.0.0.0 in a container that "
+        "Prometheus scrapes from another one)")
     log_level: str = Field("info", description="debug, info, warning or error")
 
 

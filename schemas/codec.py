@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,15 +33,21 @@ from schemas.errors import BoundsExceeded, InvalidMessage, Reason
 from schemas.framing import DTYPES, MODE_CKKS, MODE_PLAIN, VERSION, Framer
 from schemas.he import HEContext
 from schemas.plan import (  # noqa: F401 - re-exported: the codec's public names
+    NOISE_REDRAW_PROB,
     CodecParams,
     Plan,
     coarse_weight,
     ct_l2_bound,
+    dp_l2_bound,
+    packed_max,
     plan_ckks,
     plan_plain,
     update_seed,
 )
 from schemas.rotation import Rotation
+
+if TYPE_CHECKING:
+    from schemas.dp import NoiseSource
 
 
 class Codec:
@@ -74,7 +80,9 @@ class Codec:
         digest_src = repr((VERSION, params.bits, float(params.clip_l2), float(params.clip_coord),
                            params.max_summands, params.weight_cap, params.encrypted,
                            params.chunk_bytes, self.num_params)
-                          + ((params.rotation_seed,) if params.rotate else ())).encode()
+                          + ((params.rotation_seed,) if params.rotate else ())
+                          + ((float(params.dp_sigma), params.dp_bound) if params.noisy else ())
+                          ).encode()
         self.rotation = Rotation(self.num_params, params.rotation_seed) if params.rotate else None
         self.framer = Framer(mode=self.mode, plan=self.plan, num_params=self.num_params,
                              max_summands=params.max_summands,
@@ -92,24 +100,44 @@ class Codec:
         """The weight a device with ``num_samples`` examples declares (coarse and capped)."""
         return coarse_weight(num_samples, self.params.weight_cap)
 
-    def quantize_update(self, delta: np.ndarray, num_samples: int, seed: int) -> np.ndarray:
+    def quantize_update(self, delta: np.ndarray, num_samples: int, seed: int,
+                        noise: NoiseSource | None = None) -> np.ndarray:
         """``clip(rotate(clip_l2(delta))) * weight / cap``, stochastically quantized (int64).
 
         The L2 clip comes before the rotation (which keeps norms), the per-coordinate clip
         after it, on the spread-out values.
+
+        With distributed DP (``params.noisy``) the rounding is conditioned on the rounded
+        vector's norm (:func:`schemas.dp.rounded_l2_bound`: the sensitivity the accountant
+        uses) and the device adds discrete Gaussian noise drawn from ``noise``, its own secret
+        randomness; without ``noise`` it refuses (``bad_params``) rather than send an update
+        with less privacy than the round promises.
         """
+        p = self.params
+        if p.noisy and noise is None:
+            raise InvalidMessage(Reason.BAD_PARAMS, "this round adds distributed-DP noise: "
+                                 "the device must give its own NoiseSource")
         x = quantize.check_finite(delta)
         if x.shape[0] != self.num_params:
             raise InvalidMessage(Reason.WRONG_NUM_PARAMS,
                                  f"delta has {x.shape[0]} values, codec has {self.num_params}")
         w = self.weight(num_samples)
-        p = self.params
         if self.rotation is not None:
             x = self.rotation.forward(quantize.clip(x, p.clip_l2, np.inf))
         x = quantize.clip(x, p.clip_l2, p.clip_coord)
         if w != p.weight_cap:
             x *= w / p.weight_cap
-        return quantize.quantize(x, self.scale, p.bits, seed)
+        if not p.noisy:
+            return quantize.quantize(x, self.scale, p.bits, seed)
+        from schemas import dp
+
+        assert noise is not None
+        q = quantize.quantize(x, self.scale, p.bits, seed, l2_max=dp_l2_bound(p, self.num_params))
+        z = dp.device_noise(noise, p.dp_sigma, q.shape[0], NOISE_REDRAW_PROB)
+        if int(np.abs(z).max(initial=0)) > p.dp_bound:
+            raise InvalidMessage(Reason.BAD_PARAMS, f"the round's noise bound {p.dp_bound} is "
+                                 f"below this device's, for sigma {p.dp_sigma:.3g}")
+        return q + z
 
     def average(self, qsum: np.ndarray, weight_sum: int) -> np.ndarray:
         """Weighted FedAvg delta (float32): ``qsum * scale * weight_cap / weight_sum``, rotated
@@ -125,19 +153,22 @@ class Codec:
 
     # ------------------------------------------------------------------ encode
 
-    def encode(self, delta: np.ndarray, num_samples: int, seed: int) -> list[bytes]:
-        """Quantize and encode one update into ``num_chunks`` payloads."""
-        q = self.quantize_update(delta, num_samples, seed)
+    def encode(self, delta: np.ndarray, num_samples: int, seed: int,
+               noise: NoiseSource | None = None) -> list[bytes]:
+        """Quantize (and noise: :meth:`quantize_update`) one update into ``num_chunks``
+        payloads."""
+        q = self.quantize_update(delta, num_samples, seed, noise)
         return self._encode(q, self.weight(num_samples))
 
     def encode_quantized(self, q: np.ndarray, weight: int) -> list[bytes]:
-        """Encode already-quantized integers (``|q| <= 2**(bits-1)-1``) with weight ``<= cap``."""
+        """Encode already-quantized (and noised) integers (``|q| <= params.value_bound``) with
+        weight ``<= cap``."""
         q = np.asarray(q)
         if q.ndim != 1 or q.shape[0] != self.num_params:
             raise InvalidMessage(Reason.WRONG_NUM_PARAMS, f"q has shape {q.shape}")
         if q.dtype.kind not in "iu":
             raise InvalidMessage(Reason.OUT_OF_RANGE, f"q must be integers, got {q.dtype}")
-        bound = quantize.qmax(self.params.bits)
+        bound = self.params.value_bound
         if q.size and (int(q.max()) > bound or int(q.min()) < -bound):
             raise InvalidMessage(Reason.OUT_OF_RANGE, f"q exceeds +-{bound}")
         if self.mode == MODE_CKKS:
@@ -168,7 +199,9 @@ class Codec:
 
     def _encode(self, q: np.ndarray, weight: int) -> list[bytes]:
         if self.mode == MODE_PLAIN:
-            dtype = np.dtype("<i1") if self.params.bits <= 8 else np.dtype("<i2")
+            vb = self.params.value_bound
+            dtype = np.dtype("<i1") if vb <= 127 else np.dtype("<i2") if vb <= 32767 \
+                else np.dtype("<i8")
             per = self.plan.params_per_chunk
             return [self.framer.frame_plain(c, 1, weight if c == 0 else 0,
                                             q[c * per:(c + 1) * per].astype(dtype))
@@ -272,9 +305,10 @@ class Codec:
         if not count <= weight <= count * self.params.weight_cap:
             raise BoundsExceeded(Reason.LANE_BOUND,
                                  f"weight sum {weight} impossible for {count} updates")
-        bound = count * quantize.qmax(self.params.bits)
+        bound = self.params.lane_max(count)
         if qsum.size and int(np.abs(qsum).max()) > bound:
-            raise BoundsExceeded(Reason.LANE_BOUND, "a sum exceeds summands * 2**(bits-1)-1")
+            raise BoundsExceeded(Reason.LANE_BOUND, f"a sum of {count} exceeds its lane bound "
+                                 f"{bound}")
         return qsum, weight
 
     def _decrypt(self, sums: list[Any], count: int) -> tuple[np.ndarray, int]:
@@ -296,7 +330,7 @@ class Codec:
         if float(np.abs(rounded).max()) >= 2.0**62:
             raise BoundsExceeded(Reason.INEXACT_SUM, "decrypted values beyond int64")
         ints = rounded.astype(np.int64)
-        vmax = packing.packed_max(self.params.bits, count, plan.lanes, plan.lane_bits)
+        vmax = packed_max(self.params.lane_max(count), plan.lanes, plan.lane_bits)
         if int(np.abs(ints[1:]).max(initial=0)) > vmax:
             raise BoundsExceeded(Reason.LANE_BOUND, "a packed sum exceeds its lane bound")
         return packing.unpack(ints[1:], plan.lanes, plan.lane_bits, self.num_params), int(ints[0])

@@ -73,6 +73,7 @@ class Reason(StrEnum):
     NO_SECRET_KEY = "no_secret_key"
     BAD_OPTIMIZER_STATE = "bad_optimizer_state"
     BAD_COMMAND = "bad_command"
+    UNKNOWN_VERSION = "unknown_version"    # a rollback to a version that was never published
     # the fleet: enrolment, revocation and key rotation (schemas/fleet.py)
     REVOKED = "revoked"                    # signed by an identity the operator revoked
     ROTATED_KEY = "rotated_key"            # signed with a key not valid for the message's round

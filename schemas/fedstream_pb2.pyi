@@ -57,7 +57,7 @@ class Header(_message.Message):
     def __init__(self, schema_version: _Optional[int] = ..., sender: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., he_fingerprint: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
 
 class CodecSpec(_message.Message):
-    __slots__ = ("bits", "clip_l2", "clip_coord", "max_summands", "weight_cap", "encrypted", "chunk_bytes", "rotate", "rotation_seed")
+    __slots__ = ("bits", "clip_l2", "clip_coord", "max_summands", "weight_cap", "encrypted", "chunk_bytes", "rotate", "rotation_seed", "dp_sigma", "dp_bound")
     BITS_FIELD_NUMBER: _ClassVar[int]
     CLIP_L2_FIELD_NUMBER: _ClassVar[int]
     CLIP_COORD_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class CodecSpec(_message.Message):
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     ROTATE_FIELD_NUMBER: _ClassVar[int]
     ROTATION_SEED_FIELD_NUMBER: _ClassVar[int]
+    DP_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    DP_BOUND_FIELD_NUMBER: _ClassVar[int]
     bits: int
     clip_l2: float
     clip_coord: float
@@ -76,21 +78,29 @@ class CodecSpec(_message.Message):
     chunk_bytes: int
     rotate: bool
     rotation_seed: int
-    def __init__(self, bits: _Optional[int] = ..., clip_l2: _Optional[float] = ..., clip_coord: _Optional[float] = ..., max_summands: _Optional[int] = ..., weight_cap: _Optional[int] = ..., encrypted: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., rotate: _Optional[bool] = ..., rotation_seed: _Optional[int] = ...) -> None: ...
+    dp_sigma: float
+    dp_bound: int
+    def __init__(self, bits: _Optional[int] = ..., clip_l2: _Optional[float] = ..., clip_coord: _Optional[float] = ..., max_summands: _Optional[int] = ..., weight_cap: _Optional[int] = ..., encrypted: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., rotate: _Optional[bool] = ..., rotation_seed: _Optional[int] = ..., dp_sigma: _Optional[float] = ..., dp_bound: _Optional[int] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("optimizer", "lr", "epochs", "batch_size", "prox_mu")
+    __slots__ = ("optimizer", "lr", "epochs", "batch_size", "prox_mu", "dp_clip", "dp_noise_multiplier", "dp_delta")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PROX_MU_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIP_FIELD_NUMBER: _ClassVar[int]
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     lr: float
     epochs: int
     batch_size: int
     prox_mu: float
-    def __init__(self, optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., prox_mu: _Optional[float] = ...) -> None: ...
+    dp_clip: float
+    dp_noise_multiplier: float
+    dp_delta: float
+    def __init__(self, optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., prox_mu: _Optional[float] = ..., dp_clip: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_delta: _Optional[float] = ...) -> None: ...
 
 class RoundTask(_message.Message):
     __slots__ = ("round", "model_version", "codec", "train", "deadline_unix", "min_participants", "he_fingerprint", "seed", "selected_agents", "model_name", "task_name", "quarantined_agents", "min_group", "suspected_agents", "project_hash", "project_version", "fedbuff")
@@ -182,7 +192,7 @@ class Quarantine(_message.Message):
     def __init__(self, strikes: _Optional[_Mapping[str, int]] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Provenance(_message.Message):
-    __slots__ = ("parent_version", "round", "participants", "metrics", "codec", "strategy", "created_unix", "excluded")
+    __slots__ = ("parent_version", "round", "participants", "metrics", "codec", "strategy", "created_unix", "excluded", "rollback", "canary", "privacy")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +208,9 @@ class Provenance(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     parent_version: int
     round: int
     participants: _containers.RepeatedCompositeFieldContainer[RegionParticipants]
@@ -206,10 +219,65 @@ class Provenance(_message.Message):
     strategy: str
     created_unix: float
     excluded: _containers.RepeatedCompositeFieldContainer[ExcludedGroup]
-    def __init__(self, parent_version: _Optional[int] = ..., round: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[RegionParticipants, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., strategy: _Optional[str] = ..., created_unix: _Optional[float] = ..., excluded: _Optional[_Iterable[_Union[ExcludedGroup, _Mapping]]] = ...) -> None: ...
+    rollback: Rollback
+    canary: CanaryDecision
+    privacy: Privacy
+    def __init__(self, parent_version: _Optional[int] = ..., round: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[RegionParticipants, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., codec: _Optional[_Union[CodecSpec, _Mapping]] = ..., strategy: _Optional[str] = ..., created_unix: _Optional[float] = ..., excluded: _Optional[_Iterable[_Union[ExcludedGroup, _Mapping]]] = ..., rollback: _Optional[_Union[Rollback, _Mapping]] = ..., canary: _Optional[_Union[CanaryDecision, _Mapping]] = ..., privacy: _Optional[_Union[Privacy, _Mapping]] = ...) -> None: ...
+
+class PrivacyRound(_message.Message):
+    __slots__ = ("population", "sample", "contributors", "noise_multiplier")
+    POPULATION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    population: int
+    sample: int
+    contributors: int
+    noise_multiplier: float
+    def __init__(self, population: _Optional[int] = ..., sample: _Optional[int] = ..., contributors: _Optional[int] = ..., noise_multiplier: _Optional[float] = ...) -> None: ...
+
+class Privacy(_message.Message):
+    __slots__ = ("mode", "epsilon", "delta", "budget", "sigma_device", "sensitivity", "n_min", "rounds", "delta_with_redraws", "budget_reached", "epsilon_amplified")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SENSITIVITY_FIELD_NUMBER: _ClassVar[int]
+    N_MIN_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_WITH_REDRAWS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_REACHED_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_AMPLIFIED_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    epsilon: float
+    delta: float
+    budget: float
+    sigma_device: float
+    sensitivity: float
+    n_min: int
+    rounds: _containers.RepeatedCompositeFieldContainer[PrivacyRound]
+    delta_with_redraws: float
+    budget_reached: bool
+    epsilon_amplified: float
+    def __init__(self, mode: _Optional[str] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., budget: _Optional[float] = ..., sigma_device: _Optional[float] = ..., sensitivity: _Optional[float] = ..., n_min: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[PrivacyRound, _Mapping]]] = ..., delta_with_redraws: _Optional[float] = ..., budget_reached: _Optional[bool] = ..., epsilon_amplified: _Optional[float] = ...) -> None: ...
+
+class Rollback(_message.Message):
+    __slots__ = ("to_version", "request_id", "requested_by", "reason", "discarded_round")
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    to_version: int
+    request_id: str
+    requested_by: str
+    reason: str
+    discarded_round: int
+    def __init__(self, to_version: _Optional[int] = ..., request_id: _Optional[str] = ..., requested_by: _Optional[str] = ..., reason: _Optional[str] = ..., discarded_round: _Optional[int] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("header", "model_name", "num_params", "params", "optimizer_state", "provenance", "next_task", "final", "quarantine", "fedbuff_state")
+    __slots__ = ("header", "model_name", "num_params", "params", "optimizer_state", "provenance", "next_task", "final", "quarantine", "fedbuff_state", "canary")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +288,7 @@ class ModelVersion(_message.Message):
     FINAL_FIELD_NUMBER: _ClassVar[int]
     QUARANTINE_FIELD_NUMBER: _ClassVar[int]
     FEDBUFF_STATE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
     header: Header
     model_name: str
     num_params: int
@@ -230,7 +299,42 @@ class ModelVersion(_message.Message):
     final: bool
     quarantine: Quarantine
     fedbuff_state: FedBuffState
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., model_name: _Optional[str] = ..., num_params: _Optional[int] = ..., params: _Optional[bytes] = ..., optimizer_state: _Optional[bytes] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., next_task: _Optional[_Union[RoundTask, _Mapping]] = ..., final: _Optional[bool] = ..., quarantine: _Optional[_Union[Quarantine, _Mapping]] = ..., fedbuff_state: _Optional[_Union[FedBuffState, _Mapping]] = ...) -> None: ...
+    canary: Canary
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., model_name: _Optional[str] = ..., num_params: _Optional[int] = ..., params: _Optional[bytes] = ..., optimizer_state: _Optional[bytes] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., next_task: _Optional[_Union[RoundTask, _Mapping]] = ..., final: _Optional[bool] = ..., quarantine: _Optional[_Union[Quarantine, _Mapping]] = ..., fedbuff_state: _Optional[_Union[FedBuffState, _Mapping]] = ..., canary: _Optional[_Union[Canary, _Mapping]] = ...) -> None: ...
+
+class Canary(_message.Message):
+    __slots__ = ("regions", "stable_version", "baseline_accuracy", "max_drop", "has_baseline")
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    MAX_DROP_FIELD_NUMBER: _ClassVar[int]
+    HAS_BASELINE_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedScalarFieldContainer[str]
+    stable_version: int
+    baseline_accuracy: float
+    max_drop: float
+    has_baseline: bool
+    def __init__(self, regions: _Optional[_Iterable[str]] = ..., stable_version: _Optional[int] = ..., baseline_accuracy: _Optional[float] = ..., max_drop: _Optional[float] = ..., has_baseline: _Optional[bool] = ...) -> None: ...
+
+class CanaryDecision(_message.Message):
+    __slots__ = ("candidate_version", "stable_version", "regions", "baseline_accuracy", "canary_accuracy", "examples", "decision", "reason")
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CANARY_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    candidate_version: int
+    stable_version: int
+    regions: _containers.RepeatedScalarFieldContainer[str]
+    baseline_accuracy: float
+    canary_accuracy: float
+    examples: float
+    decision: str
+    reason: str
+    def __init__(self, candidate_version: _Optional[int] = ..., stable_version: _Optional[int] = ..., regions: _Optional[_Iterable[str]] = ..., baseline_accuracy: _Optional[float] = ..., canary_accuracy: _Optional[float] = ..., examples: _Optional[float] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class FedBuffState(_message.Message):
     __slots__ = ("agents", "base_rounds", "partials_offset")
@@ -305,14 +409,20 @@ class PartialChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., region: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ..., payload: _Optional[bytes] = ..., eval: _Optional[_Union[EvalSums, _Mapping]] = ..., update_bytes: _Optional[int] = ..., group: _Optional[int] = ..., group_count: _Optional[int] = ..., weights: _Optional[_Iterable[int]] = ..., batch: _Optional[str] = ..., region_complete: _Optional[bool] = ..., declined: _Optional[_Iterable[str]] = ..., base_rounds: _Optional[_Iterable[int]] = ..., multiplicities: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Control(_message.Message):
-    __slots__ = ("header", "action", "agents")
+    __slots__ = ("header", "action", "agents", "to_version", "request_id", "reason")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     header: Header
     action: str
     agents: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., action: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
+    to_version: int
+    request_id: str
+    reason: str
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., action: _Optional[str] = ..., agents: _Optional[_Iterable[str]] = ..., to_version: _Optional[int] = ..., request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class FleetRecord(_message.Message):
     __slots__ = ("header", "action", "identity", "role", "region", "public_key", "effective_round", "certificate", "previous_key")

@@ -31,6 +31,9 @@ log = logging.getLogger("fedstream.kafka")
 
 MAX_MESSAGE_BYTES = 16 << 20
 CLIENT_SIZES = {"max_request_size": MAX_MESSAGE_BYTES}
+#: The history topic keeps every model version: deleted by nothing (no compaction, no time or
+#: size limit). A deployment that must bound it sets ``retention.ms`` on the topic itself.
+HISTORY_CONFIG = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
 CONSUMER_SIZES = {"max_partition_fetch_bytes": MAX_MESSAGE_BYTES, "fetch_max_bytes": 4 * MAX_MESSAGE_BYTES}
 
 
@@ -105,8 +108,9 @@ def kafka_conn_from_args(a: argparse.Namespace, keys_dir: Path, identity: str,
 
 
 async def ensure_topics(kafka: str | KafkaConn, topics: Topics) -> None:
-    """Create the partials, (compacted) models, control and (compacted) fleet topics if they do
-    not exist yet (needs the right to create topics: an operator's or an admin's identity)."""
+    """Create the partials, (compacted) models, history (kept forever), control and
+    (compacted) fleet topics if they do not exist yet (needs the right to create topics: an
+    operator's or an admin's identity)."""
     admin = AIOKafkaAdminClient(**as_conn(kafka).kwargs())
     await admin.start()
     try:
@@ -115,6 +119,8 @@ async def ensure_topics(kafka: str | KafkaConn, topics: Topics) -> None:
             NewTopic(topics.partials, num_partitions=1, replication_factor=1, topic_configs=size),
             NewTopic(topics.models, num_partitions=1, replication_factor=1,
                      topic_configs={**size, "cleanup.policy": "compact"}),
+            NewTopic(topics.history, num_partitions=1, replication_factor=1,
+                     topic_configs={**size, **HISTORY_CONFIG}),
             NewTopic(topics.control, num_partitions=1, replication_factor=1, topic_configs=size),
             NewTopic(topics.fleet, num_partitions=1, replication_factor=1,
                      topic_configs={**size, "cleanup.policy": "compact"}),

@@ -37,6 +37,10 @@ OVERFLOW_MARGIN = 1.1
 MAX_HE_SCALE = 2.0**30
 #: Largest packed magnitude: decoded reals are doubles, exact integers only below 2**53.
 MAX_PACKED = 2**52
+#: With DP noise, a lane sum stays within its bound except with probability 2**-this per value
+#: (the noise is unbounded; a sum beyond the bound fails the decode checks, it never decodes
+#: to a wrong value unnoticed).
+EXACT_FAIL_LOG2 = 40
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,11 @@ class CodecParams:
     chunk_bytes: int = 1 << 20
     rotate: bool = True
     rotation_seed: int = 0
+    #: distributed DP: std of the discrete Gaussian noise each device adds to every quantized
+    #: value (in quantization steps; 0: no noise), and the bound of one device's noise (a device
+    #: redraws a noise vector with a value beyond it): see :mod:`schemas.dp`
+    dp_sigma: float = 0.0
+    dp_bound: int = 0
 
     def __post_init__(self) -> None:
         def bad(detail: str) -> InvalidMessage:
@@ -77,6 +86,14 @@ class CodecParams:
             raise bad(f"encrypted must be a bool, got {self.encrypted!r}")
         if not isinstance(self.rotate, bool):
             raise bad(f"rotate must be a bool, got {self.rotate!r}")
+        if not isinstance(self.dp_sigma, (int, float, np.floating)) \
+                or not math.isfinite(self.dp_sigma) or not 0 <= self.dp_sigma <= 2**20:
+            raise bad(f"dp_sigma must be in [0, 2**20], got {self.dp_sigma!r}")
+        if isinstance(self.dp_bound, bool) or not isinstance(self.dp_bound, (int, np.integer)) \
+                or not 0 <= self.dp_bound <= 2**24:
+            raise bad(f"dp_bound must be an integer in 0..2**24, got {self.dp_bound!r}")
+        if (self.dp_sigma > 0) != (self.dp_bound > 0):
+            raise bad("dp_sigma and dp_bound are both zero (no noise) or both positive")
         if isinstance(self.rotation_seed, bool) \
                 or not isinstance(self.rotation_seed, (int, np.integer)) \
                 or not 0 <= self.rotation_seed < 2**64:
@@ -86,6 +103,31 @@ class CodecParams:
     def scale(self) -> float:
         """Quantization step: ``clip_coord / (2**(bits-1) - 1)``."""
         return self.clip_coord / quantize.qmax(self.bits)
+
+    @property
+    def noisy(self) -> bool:
+        """Devices add distributed-DP noise (:mod:`schemas.dp`)."""
+        return self.dp_sigma > 0
+
+    @property
+    def value_bound(self) -> int:
+        """Largest ``|value|`` one honest update carries: ``qmax + dp_bound``."""
+        return quantize.qmax(self.bits) + self.dp_bound
+
+    def noise_tail(self, summands: int) -> int:
+        """Bound on ``|sum of the noise of summands devices|`` in one coordinate: the smaller of
+        the hard ``summands * dp_bound`` and the sub-Gaussian tail at probability
+        2**-:data:`EXACT_FAIL_LOG2` (:func:`schemas.dp.noise_tail`)."""
+        if not self.noisy:
+            return 0
+        from schemas import dp  # numpy and dp-accounting only when noise is on
+
+        return min(summands * self.dp_bound,
+                   dp.noise_tail(self.dp_sigma, summands, 2.0 ** -EXACT_FAIL_LOG2))
+
+    def lane_max(self, summands: int) -> int:
+        """Largest ``|lane|`` of a sum of ``summands`` honest updates, noise included."""
+        return packing.lane_max(self.bits, summands) + self.noise_tail(summands)
 
     def for_round(self, base_seed: int, round_id: int) -> CodecParams:
         """These parameters with the round's rotation seed (a fresh rotation every round, so
@@ -134,11 +176,12 @@ def plan_ckks(params: CodecParams, num_params: int, q0: int, slots: int) -> Plan
         InvalidMessage("unsummable_plan"): not even one lane per real meets both.
     """
     s = params.max_summands
-    width = packing.lane_bits(params.bits, s)
+    m = params.lane_max(s)
+    width = m.bit_length() + 1
     reals_per_ct = 2 * slots
     min_scale = NOISE_AT_UNIT_SCALE * math.sqrt(s) / MAX_NOISE_STD
     for lanes in range(MAX_PACKED.bit_length() // width + 1, 0, -1):
-        vmax = max(packing.packed_max(params.bits, s, lanes, width), s * params.weight_cap)
+        vmax = max(packed_max(m, lanes, width), s * params.weight_cap)
         if vmax >= MAX_PACKED:
             continue
         bound = coefficient_bound(params, lanes, width, reals_per_ct)
@@ -155,7 +198,8 @@ def plan_ckks(params: CodecParams, num_params: int, q0: int, slots: int) -> Plan
     else:
         raise InvalidMessage(
             "unsummable_plan",
-            f"{params.bits}-bit values, {s} summands: a {width}-bit lane needs a CKKS scale "
+            f"{params.bits}-bit values{' with noise' if params.noisy else ''}, {s} summands: "
+            f"a {width}-bit lane needs a CKKS scale "
             f">= {min_scale:.3g} for exact rounding but the 60-bit modulus allows less")
     reals_per_ct = 2 * slots
     ct_bytes = _LEN.size + MAX_CT_BYTES
@@ -174,7 +218,13 @@ def ct_l2_bound(params: CodecParams, values_per_ct: int) -> float:
     ``||y||_2 <= clip_l2 / scale`` after clipping and weighting, and stochastic rounding moves
     each value by less than 1, so ``||q_ct||_2 <= clip_l2 / scale + sqrt(values_per_ct)``.
     """
-    return params.clip_l2 / params.scale * (1 + 1e-9) + math.sqrt(values_per_ct)
+    noise = params.dp_bound * math.sqrt(values_per_ct)  # every noise value is within dp_bound
+    return params.clip_l2 / params.scale * (1 + 1e-9) + math.sqrt(values_per_ct) + noise
+
+
+def packed_max(lane_max: int, lanes: int, width: int) -> int:
+    """Largest magnitude of a packed sum whose lanes are within ``lane_max``."""
+    return lane_max * sum(1 << (width * k) for k in range(lanes))
 
 
 def coefficient_bound(params: CodecParams, lanes: int, width: int, reals_per_ct: int) -> float:
@@ -186,8 +236,8 @@ def coefficient_bound(params: CodecParams, lanes: int, width: int, reals_per_ct:
     sum has ``||.||_2 <= min(S * ct_l2_bound, M sqrt(reals))``.
     """
     s = params.max_summands
-    m = packing.lane_max(params.bits, s)
-    vmax = max(packing.packed_max(params.bits, s, lanes, width), s * params.weight_cap)
+    m = params.lane_max(s)
+    vmax = max(packed_max(m, lanes, width), s * params.weight_cap)
     lane_l2 = min(s * ct_l2_bound(params, reals_per_ct * lanes), m * math.sqrt(reals_per_ct))
     reals_l2 = s * params.weight_cap + lane_l2 * sum(2.0 ** (width * k) for k in range(lanes))
     n = float(reals_per_ct)            # poly degree N: N/2 complex slots = N reals
@@ -256,4 +306,43 @@ def l2_bound(params: CodecParams, weight_sum: int, summands: int, num_params: in
     single clipped update could, however it picks its weight.
     """
     signal = weight_sum / params.weight_cap * params.clip_l2 / params.scale
-    return signal * (1 + 1e-9) + rounding_l2_bound(summands, num_params)
+    return signal * (1 + 1e-9) + rounding_l2_bound(summands, num_params) \
+        + noise_l2_bound(params, summands, num_params)
+
+
+#: Conditional rounding: one draw exceeds :func:`dp_l2_bound` with at most this probability.
+ROUNDING_BETA = 2.0 ** -20
+#: A device's noise vector has a value beyond ``dp_bound`` with at most this probability; it
+#: then draws again (:func:`schemas.dp.device_noise`; the delta reported includes it).
+NOISE_REDRAW_PROB = 1e-20
+
+
+def dp_noise_bound(sigma: float, num_params: int) -> int:
+    """``dp_bound`` for per-device noise std ``sigma`` (:func:`schemas.dp.device_noise_bound`
+    at :data:`NOISE_REDRAW_PROB`)."""
+    from schemas import dp
+
+    return dp.device_noise_bound(sigma, int(num_params), NOISE_REDRAW_PROB)
+
+
+def dp_l2_bound(params: CodecParams, num_params: int) -> float:
+    """The L2 sensitivity of one device's update in quantization steps, with distributed DP:
+    the bound its conditionally rounded update stays within (Kairouz, Liu, Steinke 2021,
+    :func:`schemas.dp.rounded_l2_bound` of ``clip_l2 / scale`` in ``num_params`` dimensions)."""
+    from schemas import dp
+
+    return dp.rounded_l2_bound(params.clip_l2 / params.scale, int(num_params), ROUNDING_BETA)
+
+
+def noise_l2_bound(params: CodecParams, summands: int, num_params: int) -> float:
+    """High-probability bound on ``||sum of summands devices' DP noise||_2`` (0 without noise).
+
+    Each coordinate of the sum is ``sqrt(summands) * dp_sigma``-sub-Gaussian (a discrete
+    Gaussian is sigma-sub-Gaussian, Canonne, Kamath, Steinke 2020; a device's redraw beyond
+    ``dp_bound`` only thins the tails), so by Hsu, Kakade, Zhang (2012)
+    ``||z||**2 <= v (d + 2 sqrt(d L) + 2 L)`` except with probability ``exp(-L)``.
+    """
+    if not params.noisy:
+        return 0.0
+    v, d, lg = summands * params.dp_sigma ** 2, float(num_params), FALSE_ALARM_LOG
+    return math.sqrt(v * (d + 2 * math.sqrt(d * lg) + 2 * lg))

@@ -52,24 +52,42 @@ def clip(delta: np.ndarray, clip_l2: float, clip_coord: float) -> np.ndarray:
     return x
 
 
-def stochastic_round(y: np.ndarray, seed: int, bound: int) -> np.ndarray:
+#: Conditional rounding gives up after this many draws (each fails with probability <= beta,
+#: :func:`schemas.dp.rounded_l2_bound`; 2**-20 by default).
+MAX_ROUNDING_DRAWS = 64
+
+
+def stochastic_round(y: np.ndarray, seed: int, bound: int,
+                     l2_max: float | None = None) -> np.ndarray:
     """Unbiased stochastic rounding of ``y`` to int64, clamped to ``[-bound, bound]``.
 
     Args:
         y: values in units of the quantization step (already within ``+-bound``).
         seed: integer seed; the same seed gives the same integers everywhere.
         bound: magnitude limit (a guard against float round-off at the edge).
+        l2_max: conditional rounding (distributed DP, Kairouz et al. 2021): draw again until
+            the rounded vector's L2 norm is at most this, so the sensitivity is a hard bound.
+
+    Raises:
+        InvalidMessage: ``bad_delta`` if no draw of :data:`MAX_ROUNDING_DRAWS` meets ``l2_max``
+            (``y`` itself is too long for it).
     """
     rng = np.random.Generator(np.random.Philox(int(seed) & ((1 << 128) - 1)))
     lo = np.floor(y)
-    q = lo + (rng.random(y.shape[0]) < (y - lo))
-    np.clip(q, -bound, bound, out=q)
-    return q.astype(np.int64)
+    for _ in range(MAX_ROUNDING_DRAWS):
+        q = lo + (rng.random(y.shape[0]) < (y - lo))
+        np.clip(q, -bound, bound, out=q)
+        if l2_max is None or float(np.linalg.norm(q)) <= l2_max:
+            return q.astype(np.int64)
+    raise InvalidMessage("bad_delta", f"no rounding of this vector has an L2 norm within "
+                         f"{l2_max:.1f} ({MAX_ROUNDING_DRAWS} draws)")
 
 
-def quantize(x: np.ndarray, scale: float, bits: int, seed: int) -> np.ndarray:
-    """Stochastically quantize a clipped (and weighted) float vector to ``bits``-bit integers."""
-    return stochastic_round(np.asarray(x, dtype=np.float64) / scale, seed, qmax(bits))
+def quantize(x: np.ndarray, scale: float, bits: int, seed: int,
+             l2_max: float | None = None) -> np.ndarray:
+    """Stochastically quantize a clipped (and weighted) float vector to ``bits``-bit integers
+    (conditioned on ``||q||_2 <= l2_max`` if given: :func:`stochastic_round`)."""
+    return stochastic_round(np.asarray(x, dtype=np.float64) / scale, seed, qmax(bits), l2_max)
 
 
 def dequantize(q: np.ndarray, scale: float) -> np.ndarray:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.fedbuff import FedBuff
 from schemas.plan import CodecParams
@@ -65,6 +65,50 @@ class TrainSettings(BaseModel):
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal coefficient")
 
 
+class PrivacySettings(BaseModel):
+    """Differential privacy (:mod:`schemas.dp`, ``docs/privacy.md``).
+
+    ``distributed``: every device adds discrete Gaussian noise to its quantized update before
+    encryption, so that the sum over ``n_min`` devices carries the noise a trusted server would
+    add (Kairouz, Liu, Steinke 2021); the global accounts each round with ``dp-accounting``
+    and stops before the budget would be exceeded. ``example``: DP-SGD inside each device's
+    local training (per-example clipping and noise); each device accounts for its own data.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["off", "distributed", "example"] = Field(
+        "off", description="off; distributed (device-level noise that sums to central DP "
+        "under the encryption); example (DP-SGD in local training)")
+    epsilon: float | None = Field(
+        None, gt=0, description="target epsilon after `rounds` rounds: the noise is planned for "
+        "it and the global stops before exceeding it (or give noise_multiplier)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee")
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="instead of epsilon: noise std over the sensitivity (of the "
+        "round's total in distributed mode, of a batch's gradient sum in example mode)")
+    budget: float | None = Field(
+        None, gt=0, description="distributed: stop publishing new versions before epsilon "
+        "would exceed this (default: epsilon)")
+    n_min: int = Field(
+        0, ge=0, description="distributed: the noise of this many devices makes a round's "
+        "total noise (default: the devices selected per round); a round with fewer reports "
+        "its actual, larger epsilon")
+    example_clip: float = Field(1.0, gt=0, description="example: per-example gradient L2 clip")
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> PrivacySettings:
+        if self.mode == "off":
+            return self
+        if (self.epsilon is None) == (self.noise_multiplier is None) and self.mode == "distributed":
+            raise ValueError("privacy: distributed mode takes either epsilon or "
+                             "noise_multiplier, exactly one")
+        if self.mode == "example" and self.noise_multiplier is None:
+            raise ValueError("privacy: example mode takes noise_multiplier (each device's "
+                             "epsilon depends on its own data and is reported by the device)")
+        return self
+
+
 class FederationSettings(BaseModel):
     """Everything about how a federation runs that is not a deployment detail."""
 
@@ -104,6 +148,7 @@ class FederationSettings(BaseModel):
     staleness_exponent: float = Field(0.5, ge=0, le=8, description="fedbuff: see staleness_scale")
     codec: CodecSettings = CodecSettings()
     train: TrainSettings = TrainSettings()
+    privacy: PrivacySettings = PrivacySettings()
 
     def fedbuff(self) -> FedBuff | None:
         """The FedBuff settings in fedbuff mode, else ``None``."""

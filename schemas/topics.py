@@ -15,6 +15,9 @@ Kafka::
 
     ns.partials   PartialChunk envelopes, key = "<round>/<region>/<chunk>"
     ns.models     ModelVersion envelopes, compacted, key = model name
+    ns.history    the same ModelVersion envelopes (byte for byte, signed for ns.models), never
+                  compacted nor expired, key = "<model name>/<version>": every version ever
+                  published, with its provenance (global_aggregator/history.py)
     ns.control    Control envelopes (operator commands to the global aggregator)
     ns.fleet      FleetRecord envelopes (enrol, revoke, rotate), compacted, key = identity
 """
@@ -42,6 +45,10 @@ class Topics:
     @property
     def models(self) -> str:
         return f"{self.namespace}.models"
+
+    @property
+    def history(self) -> str:
+        return f"{self.namespace}.history"
 
     @property
     def control(self) -> str:

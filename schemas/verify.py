@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from schemas import quantize
 from schemas.errors import BoundsExceeded, InvalidMessage, Reason
 from schemas.framing import MODE_CKKS, Chunk
 from schemas.plan import l2_bound
@@ -74,10 +73,10 @@ def verify_parsed(codec: Codec, ch: Chunk, *, index: int, summands: int,
             raise InvalidMessage(Reason.BAD_WEIGHT,
                                  f"plain weight {ch.weight} differs from the declared {weight}")
         # a trusted (plaintext) tier can see every value: check it against the round's range
-        bound = summands * quantize.qmax(codec.params.bits)
+        bound = codec.params.lane_max(summands)  # DP noise included
         if ch.ints().size and int(np.abs(ch.ints().astype(np.int64)).max()) > bound:
             raise InvalidMessage(Reason.OUT_OF_RANGE,
-                                 f"a value exceeds {summands} x {quantize.qmax(codec.params.bits)}")
+                                 f"a value exceeds {bound}, the bound of a sum of {summands}")
     return ch
 
 

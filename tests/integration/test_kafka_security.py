@@ -187,6 +187,7 @@ def test_acl_table_shape():
                        ("User:region-0", "fs-regional-region-0-"),  # its replicas (prefixed)
                        ("User:region-1", "fs-regional-region-1-"),
                        ("User:global", "fs.models"), ("User:global", "fs-global"),
+                       ("User:global", "fs.history"),  # the model history, same transaction
                        ("User:operator", "fs.control"), ("User:operator", "fs.fleet")}
     prefixed = {a.resource_name for a in acls if a.pattern == "prefixed"}
     # a replica's id is <region's id>-<name>: "fs-regional-region-1-" cannot match region-10's
@@ -322,6 +323,30 @@ def test_region_cannot_use_another_identitys_transactional_id(fed):
 
 
 @pytest.mark.network
+def test_model_history_written_with_the_version_read_by_operator_and_consumers(fed):
+    """The global writes a version to models and history in one transaction (as its _publish
+    does); the operator and streaming consumers read the history, a region neither reads nor
+    writes it."""
+    t, ns = fed.t, fed.ns
+
+    async def publish():
+        async with started(producer(fed.ids["global"],
+                                    transactional_id=global_transactional_id(ns))) as p:
+            async with p.transaction():
+                await p.send(t.models, b"model-h1", key=b"m")
+                await p.send(t.history, b"model-h1", key=b"m/1")
+
+    asyncio.run(publish())
+    for who in ("operator", "consumer", "global"):
+        assert b"model-h1" in asyncio.run(read_all(fed.ids[who], t.history)), who
+    with pytest.raises(TopicAuthorizationFailedError):
+        asyncio.run(subscribe(fed.ids["region-0"], t.history))
+    with pytest.raises(TopicAuthorizationFailedError):
+        asyncio.run(transact(fed.ids["region-0"], regional_transactional_id(ns, "region-0"),
+                             t.history, b"forged"))
+
+
+@pytest.mark.network
 def test_streaming_consumer_reads_models_not_partials(fed):
     t, ns = fed.t, fed.ns
     c = fed.ids["consumer"]
@@ -351,7 +376,7 @@ def test_operator_creates_topics_and_commands_reach_the_global_only(fed):
             await admin.close()
 
     # the fixture's ensure_topics, as the operator (a refusal there would be silent)
-    assert {t.partials, t.models, t.control, t.fleet} <= set(asyncio.run(listed()))
+    assert {t.partials, t.models, t.history, t.control, t.fleet} <= set(asyncio.run(listed()))
 
     async def go():
         async with started(producer(fed.ids["operator"], enable_idempotence=True)) as p:

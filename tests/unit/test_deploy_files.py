@@ -49,6 +49,8 @@ WORKLOADS = {w.name: w for w in workloads(FLEET)}
 ROLES = {"global": "global", "region": "region", "agent": "agent"}
 RENDER = (f"python -m compose.deploy render --namespace {NS} --regions {len(REGIONS)} "
           "--out compose/generated")
+#: compose/monitoring/ (tests/unit/test_alert_rules.py checks the files themselves)
+MONITORING_SERVICES = {"prometheus", "alertmanager", "grafana"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,8 +259,9 @@ def test_kafka_acls_and_setup_are_the_federations(compose, k8s):
 
 
 def test_compose_services_are_the_stacks_workloads(compose):
-    assert set(compose["services"]) == set(WORKLOADS), \
-        f"services differ from compose.deploy.workloads: {set(compose['services']) ^ set(WORKLOADS)}"
+    services = set(compose["services"]) - MONITORING_SERVICES
+    assert services == set(WORKLOADS), \
+        f"services differ from compose.deploy.workloads: {services ^ set(WORKLOADS)}"
     edges = sorted(n for n in compose["services"] if n.startswith("edge-"))
     assert edges == [f"edge-agent-{i:03d}" for i in range(12)]
 
@@ -432,7 +435,7 @@ def test_broker_certificates_name_the_hosts_clients_dial(tmp_path, compose):
 
 def test_every_topic_name_is_the_namespaces(compose, k8s):
     t = Topics(NS)
-    kafka_topics = {t.partials, t.models, t.control, t.fleet}
+    kafka_topics = {t.partials, t.models, t.history, t.control, t.fleet}
     mqtt = {r: {t.model(r), t.receipts(r), t.updates(r), t.update(r, "%u")} for r in REGIONS}
     # the MQTT ACLs name exactly their region's topics
     for r in REGIONS:
@@ -440,7 +443,7 @@ def test_every_topic_name_is_the_namespaces(compose, k8s):
         named = {line.split()[-1] for line in acl.splitlines()
                  if line.startswith(("topic ", "pattern "))}
         assert named == mqtt[r], f"{r}'s ACL names {named ^ mqtt[r]} beyond Topics({NS!r})"
-    # the Kafka ACLs name exactly the namespace's four topics
+    # the Kafka ACLs name exactly the namespace's five topics
     named = {a["resource_name"] for a in json.loads((GENERATED / "kafka-acls.json").read_text())
              if a["resource_type"] == "topic"}
     assert named == kafka_topics
@@ -456,3 +459,98 @@ def test_every_topic_name_is_the_namespaces(compose, k8s):
     namespaces = {_env(compose, n).get("FEDSTREAM_NAMESPACE") for n, w in WORKLOADS.items()
                   if w.kind in ROLES}
     assert namespaces == {NS}
+
+
+# ----------------------------------------------------------------------------------------------
+# monitoring: Prometheus scrapes every aggregator, Alertmanager and Grafana are wired to it
+
+
+def _mounts(compose: dict, name: str) -> dict[str, str]:
+    """container path -> host path (relative to compose/) of a service's bind mounts."""
+    out = {}
+    for vol in compose["services"][name].get("volumes", []):
+        src, dst = str(vol).split(":")[:2]
+        out[dst] = src
+    return out
+
+
+def test_prometheus_scrapes_every_aggregator_of_the_compose_stack(compose, k8s):
+    from compose.monitoring import COMPOSE_METRICS_PORT, render_compose
+
+    # the committed configuration is the render for these regions, mounted where it is read
+    mounts = _mounts(compose, "prometheus")
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./monitoring/prometheus.yml"
+    assert mounts["/etc/prometheus/rules.yml"] == "./monitoring/rules.yml"  # beside it
+    assert "--config.file=/etc/prometheus/prometheus.yml" in compose["services"]["prometheus"][
+        "command"]
+    text = (COMPOSE / "monitoring" / "prometheus.yml").read_text()
+    assert text == render_compose(REGIONS)["prometheus.yml"], \
+        "compose/monitoring/prometheus.yml is stale: python -m compose.monitoring render"
+    cfg = yaml.safe_load(text)
+    assert cfg["rule_files"] == ["rules.yml"]
+    scraped = {}
+    for job in cfg["scrape_configs"]:
+        for sc in job["static_configs"]:
+            for target in sc["targets"]:
+                host, port = target.split(":")
+                scraped[host] = (job["job_name"], int(port), sc.get("labels", {}))
+    # every global and regional aggregator serves /metrics on that port, on every interface
+    services = [n for n, w in WORKLOADS.items() if w.kind in ("global", "region")]
+    for name in services:
+        job, port, labels = scraped[name]
+        w = WORKLOADS[name]
+        assert job == ("global" if w.kind == "global" else "regional")
+        assert port == COMPOSE_METRICS_PORT
+        env = _env(compose, name)
+        assert env["FEDSTREAM_METRICS_PORT"] == str(port), name
+        assert env["FEDSTREAM_METRICS_HOST"] == "0.0.0.0", \
+            f"{name}: /metrics on loopback cannot be scraped from the prometheus container"
+        if w.kind == "region":
+            assert labels == {"process": w.region, "region": w.region}
+    # the rest it scrapes is itself and Alertmanager; alerts go to the alertmanager service
+    assert set(scraped) - set(services) == {"localhost", "alertmanager"}
+    (am,) = cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    host, port = am.split(":")
+    assert host in compose["services"] and int(port) == 9093
+    assert _mounts(compose, "alertmanager")["/etc/alertmanager/alertmanager.yml"] == \
+        "./monitoring/alertmanager.yml"
+    # the monitoring holds no key of anyone's
+    for name in MONITORING_SERVICES:
+        assert not compose["services"][name].get("secrets"), name
+        for src in _mounts(compose, name).values():
+            assert "keys" not in src, f"{name} mounts {src}"
+    # Kubernetes: the same /metrics settings (the env equality above), and scrape annotations
+    for name, spec in _pod_specs(k8s).items():
+        if WORKLOADS[name].kind in ("global", "region"):
+            assert _k8s_env(spec)["FEDSTREAM_METRICS_PORT"] == str(COMPOSE_METRICS_PORT)
+    for d in k8s:
+        name = d["metadata"]["name"]
+        if d["kind"] == "Deployment" and name in services:
+            ann = d["spec"]["template"]["metadata"].get("annotations", {})
+            assert ann.get("prometheus.io/port") == str(COMPOSE_METRICS_PORT), name
+
+
+def test_grafana_is_provisioned_with_the_dashboard_and_prometheus(compose):
+    mounts = _mounts(compose, "grafana")
+    prov = COMPOSE / mounts["/etc/grafana/provisioning"]
+    assert prov == COMPOSE / "monitoring" / "grafana" / "provisioning"
+    sources = yaml.safe_load((prov / "datasources" / "datasources.yml").read_text())["datasources"]
+    by_type = {d["type"]: d for d in sources}
+    assert by_type["prometheus"]["url"] == "http://prometheus:9090" and "prometheus" in \
+        compose["services"]
+    assert by_type["prometheus"]["isDefault"] is True
+    assert by_type["alertmanager"]["url"] == "http://alertmanager:9093"
+    (provider,) = yaml.safe_load((prov / "dashboards" / "dashboards.yml").read_text())["providers"]
+    path = provider["options"]["path"]
+    assert (COMPOSE / mounts[path] / "fedstream.json").is_file(), \
+        f"the dashboards provider reads {path}, which holds no fedstream dashboard"
+    dash = json.loads((COMPOSE / mounts[path] / "fedstream.json").read_text())
+    assert dash["uid"] == "fedstream" and dash["panels"]
+    # every panel asks the $datasource variable, which picks a Prometheus source
+    (var,) = [v for v in dash["templating"]["list"] if v["type"] == "datasource"]
+    assert var["query"] == "prometheus"
+    for panel in dash["panels"]:
+        for t in panel.get("targets", []):
+            assert t["datasource"] == {"type": "prometheus", "uid": f"${{{var['name']}}}"}, \
+                panel["title"]
+
