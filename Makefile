@@ -30,3 +30,4 @@ bench: install
 	$(PY) bench/poison.py --json bench/results/poison.json
 	$(PY) bench/edge.py --json bench/results/edge.json
 	$(PY) bench/secure.py --json bench/results/secure.json
+	$(PY) bench/privacy.py --json bench/results/privacy.json

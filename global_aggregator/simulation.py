@@ -19,13 +19,34 @@ Conventions shared with the services:
 
 ``float_mode`` replaces the codec by exact float32 averaging weighted by raw sample counts (no
 clipping, no quantization, no cap): the reference the quantized/encrypted runs are measured against.
+
+Differential privacy (``SimConfig.privacy``, see :mod:`global_aggregator.privacy`):
+
+* ``distributed`` runs the distributed discrete Gaussian as the services do: the round's codec
+  is :meth:`PrivacyPlan.codec_params` (noise on, every weight 1) of the plan for ``rounds``
+  rounds, and every device adds its own noise in :meth:`Codec.encode`. The noise comes from
+  :meth:`NoiseSource.from_test_seed` of :func:`noise_seed` (seed, round, device): reproducible, so
+  a simulation is not private (the services draw it from each device's CSPRNG and cannot be
+  compared with a DP simulation bit for bit).
+* ``central`` is a comparison that exists only here: the same plan, the same conditional
+  rounding and the same accounting, but the devices add no noise; a trusted server adds the
+  same total noise once to the decoded integer sum (discrete Gaussian of std
+  ``sqrt(n_min) * sigma_device``, integer units). The two modes differ only in who adds it.
+* ``privacy_epsilon = inf`` means no noise at all: the run is the non-DP run, bit for bit.
+
+Each round's history entry then carries ``epsilon`` (:meth:`PrivacyPlan.account`: composed
+without sampling amplification, the samples being public) and, like the global aggregator, the
+run stops after a round when one more would exceed the budget.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,10 +67,11 @@ from global_aggregator.strategies import init_state, make_server_optimizer, serv
 from regional_aggregator.summing import RegionalSum
 from schemas.errors import InvalidMessage
 from schemas.project import Project
-from schemas.settings import FederationSettings
+from schemas.settings import FederationSettings, PrivacySettings
 
 if TYPE_CHECKING:
-    from schemas.codec import CodecParams
+    from global_aggregator.privacy import PrivacyPlan
+    from schemas.codec import Codec, CodecParams
 
 
 def agent_id(index: int) -> str:
@@ -61,6 +83,16 @@ def region_id(index: int) -> str:
 
 
 _F = FederationSettings()  # one source of defaults: the settings a deployment starts from
+#: ``SimConfig.privacy``: no DP; the services' distributed DP; the same noise added centrally.
+PRIVACY_MODES = ("off", "distributed", "central")
+
+
+def noise_seed(base_seed: int, round_id: int, who: str) -> int:
+    """The 256-bit test seed of ``who``'s DP noise in round ``round_id`` (a device id, or
+    ``"server"`` for the central comparison's noise): for :meth:`NoiseSource.from_test_seed`.
+    SIMULATIONS ONLY: a real device's noise never derives from the federation seed."""
+    digest = hashlib.sha256(f"fedstream-sim-dp-noise:{base_seed}:{round_id}:{who}".encode())
+    return int.from_bytes(digest.digest(), "little")
 
 
 @dataclass(frozen=True)
@@ -86,6 +118,11 @@ class SimConfig:
         min_group: the privacy floor k (regions sum agents in groups of at least k).
         excluded: round -> agent ids left out of that round (what the global excluded after a
             failed bounds check): the reference a federation with an attacker is compared with.
+        privacy: ``off``, ``distributed`` (each device adds discrete Gaussian noise) or
+            ``central`` (simulation only: the server adds the same total noise once).
+        privacy_epsilon, privacy_delta: target (epsilon, delta) after ``rounds`` rounds
+            (``inf``: no noise, the non-DP run); or ``privacy_noise_multiplier`` instead.
+        privacy_n_min: devices whose noise makes a round's total (0: the round's sample).
     """
 
     task: str = "digits"
@@ -118,6 +155,11 @@ class SimConfig:
     min_group: int = _F.min_group
     min_participants: int = _F.min_participants
     excluded: dict[int, frozenset[str]] = field(default_factory=dict)
+    privacy: str = "off"
+    privacy_epsilon: float | None = _F.privacy.epsilon
+    privacy_delta: float = _F.privacy.delta
+    privacy_noise_multiplier: float | None = _F.privacy.noise_multiplier
+    privacy_n_min: int = _F.privacy.n_min
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -130,6 +172,29 @@ class SimConfig:
             raise ValueError("rounds and num_agents must be >= 1")
         if self.num_agents > self.max_summands and not self.float_mode:
             raise ValueError(f"{self.num_agents} agents exceed max_summands={self.max_summands}")
+        if self.privacy not in PRIVACY_MODES:
+            raise ValueError(f"privacy must be one of {PRIVACY_MODES}, got {self.privacy!r}")
+        if self.privacy != "off" and self.float_mode:
+            raise ValueError("differential privacy needs the codec (its noise is in integer "
+                             "units): not with float_mode")
+        self.privacy_settings()  # validates the privacy knobs
+
+    def privacy_settings(self) -> PrivacySettings | None:
+        """The settings :class:`~global_aggregator.privacy.PrivacyPlan` plans with (``mode``
+        distributed also for ``central``: the same plan), or ``None`` when no noise is added
+        (privacy off, or ``privacy_epsilon`` infinite).
+
+        Raises:
+            ValueError: invalid privacy knobs (as :class:`~schemas.settings.PrivacySettings`).
+        """
+        if self.privacy == "off" or (self.privacy_epsilon is not None
+                                     and math.isinf(self.privacy_epsilon)
+                                     and self.privacy_noise_multiplier is None):
+            return None
+        return PrivacySettings(mode="distributed", epsilon=self.privacy_epsilon,
+                               delta=self.privacy_delta,
+                               noise_multiplier=self.privacy_noise_multiplier,
+                               n_min=self.privacy_n_min)
 
     @property
     def model_name(self) -> str:
@@ -155,7 +220,13 @@ class SimConfig:
     @classmethod
     def from_settings(cls, fed: FederationSettings, **sim: Any) -> SimConfig:
         """The simulation of a federation run with ``fed`` (plus simulation-only knobs)."""
-        c, t = fed.codec, fed.train
+        c, t, p = fed.codec, fed.train, fed.privacy
+        if p.mode == "example":
+            raise ValueError("the simulation does not run example-level DP (DP-SGD) yet")
+        if p.mode == "distributed" and "privacy" not in sim:
+            sim = dict(sim, privacy="distributed", privacy_epsilon=p.epsilon,
+                       privacy_delta=p.delta, privacy_noise_multiplier=p.noise_multiplier,
+                       privacy_n_min=p.n_min)
         return cls(
             rounds=fed.rounds, seed=fed.seed, encrypted=c.encrypted, bits=c.bits,
             clip_l2=c.clip_l2, clip_coord=c.clip_coord, max_summands=c.max_summands,
@@ -272,6 +343,7 @@ def simulate(
     progress: Callable[[dict[str, Any]], None] | None = None,
     keys: tuple[bytes, bytes] | None = None,
     setup: SimSetup | None = None,
+    on_release: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
 ) -> SimResult:
     """Run ``cfg.rounds`` federated rounds; call ``progress(entry)`` after each.
 
@@ -282,6 +354,9 @@ def simulate(
             Keys only change ciphertexts, never the decrypted sums, so results do not depend on them.
         setup: the model, fleet and data (:func:`project_setup`); default: ``cfg``'s built-in
             task (:func:`builtin_setup`).
+        on_release: codec runs: called with ``(round, decoded integer sum, released integer
+            sum)`` of every round whose total is averaged; the two differ only by the server's
+            noise in the ``central`` comparison. For tests and diagnostics.
     """
     setup = setup if setup is not None else builtin_setup(cfg)
     spec = setup.spec
@@ -295,7 +370,9 @@ def simulate(
     regions = setup.regions
     usable = [s for s in shards if s is not None]
 
-    edge_codec = global_codec = None
+    edge_codec = global_codec = rounding_codec = None
+    plan = privacy_plan(cfg, spec.num_params)
+    spent = None  # the privacy spent so far (pb.Privacy)
     if not cfg.float_mode:
         # Imported here so that float-mode (reference) runs need no HE library.
         from schemas.codec import Codec, update_seed
@@ -311,11 +388,18 @@ def simulate(
     for round_id in range(1, cfg.rounds + 1):
         if not cfg.float_mode:
             cp = cfg.codec_params().for_round(cfg.seed, round_id)
+            if plan is not None:
+                noisy = plan.codec_params(cp)  # noise on, every weight 1
+                cp = noisy if cfg.privacy == "distributed" else replace(noisy, dp_sigma=0.0,
+                                                                        dp_bound=0)
+                if cfg.privacy == "central":  # rounds as the noisy codec does: same sensitivity
+                    rounding_codec = Codec(replace(noisy, encrypted=False), spec.num_params)
             edge_codec = Codec(cp, spec.num_params, he_edge)
             global_codec = Codec(cp, spec.num_params, he_global)
         t = dict.fromkeys(("train", "encode", "regional_sum", "global_decode", "server_step"), 0.0)
         sampled, delivering = sample_round(cfg, round_id)
         bytes_up = 0
+        releases: list[int] = []  # devices in every sum the global decrypted (DP accounting)
         deltas: list[np.ndarray] = []
         counts: list[int] = []
         train_losses: list[float] = []
@@ -348,7 +432,11 @@ def simulate(
                 bytes_up += delta.nbytes
                 continue
             t0 = time.perf_counter()
-            chunks = edge_codec.encode(delta, n, update_seed(cfg.seed, round_id, aid))
+            if plan is None:
+                chunks = edge_codec.encode(delta, n, update_seed(cfg.seed, round_id, aid))
+            else:
+                chunks = _dp_encode(cfg, plan, edge_codec, rounding_codec, delta, n, round_id,
+                                    aid)
             t["encode"] += time.perf_counter() - t0
             bytes_up += sum(len(c) for c in chunks)
             t0 = time.perf_counter()
@@ -365,7 +453,11 @@ def simulate(
             if global_codec is None:
                 avg = _float_average(deltas, counts)
             else:
-                gr = GlobalRound(global_codec, round_id, min_group=cfg.min_group)
+                noise = partial(_server_noise, cfg, plan, round_id, spec.num_params) \
+                    if plan is not None and cfg.privacy == "central" else None
+                codec: Any = global_codec if noise is None and on_release is None else \
+                    _Release(global_codec, round_id, noise, on_release)
+                gr = GlobalRound(codec, round_id, min_group=cfg.min_group)
                 for r, rs in sums.items():
                     groups = rs.groups()
                     for g, group in enumerate(groups):
@@ -374,6 +466,9 @@ def simulate(
                                            group.agents, group.weights)
                 result = gr.finish()
                 avg, participants = result.avg_delta, result.num_participants
+                # central: the trusted server releases one noisy sum of n_min devices' noise
+                releases = result.releases if noise is None else \
+                    [plan.n_min] if plan is not None and avg is not None else []
             t["global_decode"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             if avg is not None:
@@ -388,6 +483,13 @@ def simulate(
             "train_loss": float(np.mean(train_losses)) if train_losses else float("nan"),
             "timings": t,
         }
+        budget_reached = False
+        if plan is not None:
+            spent = plan.account(spent, cfg.num_agents, len(sampled), releases)
+            entry["epsilon"] = spent.epsilon
+            budget_reached = not plan.may_run_another(spent, cfg.num_agents, len(sampled))
+        elif cfg.privacy != "off":
+            entry["epsilon"] = math.inf  # epsilon = inf: no noise, no privacy
         if setup.server_test is not None:
             entry.update(evaluate(spec, params, *setup.server_test))
         if cfg.federated_eval or setup.server_test is None:
@@ -401,7 +503,82 @@ def simulate(
         history.append(entry)
         if progress is not None:
             progress(entry)
+        if budget_reached and round_id < cfg.rounds:  # as the global: this version is final
+            break
     return SimResult(history=history, final_params=params, spec=spec)
+
+
+def privacy_plan(cfg: SimConfig, num_params: int) -> PrivacyPlan | None:
+    """The DP plan of a run (``None``: no noise): :meth:`PrivacyPlan.make` for ``cfg.rounds``
+    rounds of the round-1 sample of ``cfg.num_agents`` devices, as the global aggregator plans.
+
+    Raises:
+        ValueError: a target epsilon no noise can meet, or ``n_min`` above the sample.
+    """
+    settings = cfg.privacy_settings()
+    if settings is None:
+        return None
+    from global_aggregator.privacy import PrivacyPlan
+
+    return PrivacyPlan.make(settings, cfg.codec_params(), num_params, rounds=cfg.rounds,
+                            population=cfg.num_agents, sample=len(sample_round(cfg, 1)[0]))
+
+
+def central_noise_std(plan: PrivacyPlan) -> float:
+    """Std (integer units) of the central comparison's server noise: ``sqrt(n_min)`` devices'
+    worth of the distributed noise, the total the plan accounts for."""
+    return math.sqrt(plan.n_min) * plan.sigma_device
+
+
+def _dp_encode(cfg: SimConfig, plan: PrivacyPlan, codec: Codec, rounding: Codec | None,
+               delta: np.ndarray, n: int, round_id: int, aid: str) -> list[bytes]:
+    """One device's payloads with DP: its noisy update (distributed), or the same conditionally
+    rounded update without the noise (central; ``rounding`` is the round's noisy codec).
+
+    Central: conditional rounding keeps its first draw, which is the plain stochastic rounding
+    with the same seed, unless that draw's norm exceeds the bound (probability <= 2**-20); only
+    then does the simulation round with the noisy codec and take the device's noise, which it
+    regenerates from the test seed, out again. Either way both modes round identically."""
+    from schemas.dp import NoiseSource, device_noise
+    from schemas.plan import NOISE_REDRAW_PROB, update_seed
+
+    useed, nseed = update_seed(cfg.seed, round_id, aid), noise_seed(cfg.seed, round_id, aid)
+    if rounding is None:
+        return codec.encode(delta, n, useed, NoiseSource.from_test_seed(nseed))
+    q = codec.quantize_update(delta, n, useed)
+    if float(np.linalg.norm(q)) > plan.device_l2:
+        q = rounding.quantize_update(delta, n, useed, NoiseSource.from_test_seed(nseed))
+        q -= device_noise(NoiseSource.from_test_seed(nseed), plan.sigma_device, q.shape[0],
+                          NOISE_REDRAW_PROB)
+    return codec.encode_quantized(q, codec.weight(n))
+
+
+def _server_noise(cfg: SimConfig, plan: PrivacyPlan, round_id: int, num_params: int
+                  ) -> np.ndarray:
+    """The central comparison's noise of a round (int64, integer units)."""
+    from schemas.dp import NoiseSource, discrete_gaussian
+
+    src = NoiseSource.from_test_seed(noise_seed(cfg.seed, round_id, "server"))
+    return discrete_gaussian(src, central_noise_std(plan), num_params)
+
+
+class _Release:
+    """The global's codec as :class:`GlobalRound` uses it, watching the one sum the round
+    averages (what it releases): the central comparison's trusted server adds its noise there,
+    and ``observe(round, decoded, released)`` sees both."""
+
+    def __init__(self, codec: Codec, round_id: int, noise: Callable[[], np.ndarray] | None,
+                 observe: Callable[[int, np.ndarray, np.ndarray], None] | None) -> None:
+        self._codec, self._round, self._noise, self._observe = codec, round_id, noise, observe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._codec, name)
+
+    def average(self, qsum: np.ndarray, weight_sum: int) -> np.ndarray:
+        released = qsum if self._noise is None else qsum + self._noise()
+        if self._observe is not None:
+            self._observe(self._round, qsum.copy(), released.copy())
+        return self._codec.average(released, weight_sum)
 
 
 def rounds_to_reach(history: list[dict[str, Any]], target: float) -> int | None:

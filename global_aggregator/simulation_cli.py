@@ -19,6 +19,7 @@ from typing import Any
 from edge_agent.train import OPTIMIZERS, LocalTrainConfig
 from global_aggregator.partition import PARTITIONS
 from global_aggregator.simulation import (
+    PRIVACY_MODES,
     SimConfig,
     SimSetup,
     project_setup,
@@ -59,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-bytes", type=int, default=d.chunk_bytes)
     g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=d.rotate,
                    help="randomized Hadamard rotation before quantization")
+    g = p.add_argument_group("differential privacy")
+    g.add_argument("--privacy", choices=PRIVACY_MODES, default=None,
+                   help="distributed: every device adds discrete Gaussian noise; central: the "
+                   "same total noise added once by the server (a comparison); default: off, "
+                   "or the project's setting")
+    g.add_argument("--epsilon", type=float, default=None,
+                   help="target epsilon after --rounds rounds (inf: no noise)")
+    g.add_argument("--delta", type=float, default=d.privacy_delta)
+    g.add_argument("--n-min", type=int, default=d.privacy_n_min,
+                   help="devices whose noise makes a round's total (0: all sampled)")
     g = p.add_argument_group("local training")
     g.add_argument("--local-optimizer", choices=OPTIMIZERS, default=d.local.optimizer)
     g.add_argument("--local-lr", type=float, default=d.local.lr)
@@ -92,8 +103,16 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
                                batch_size=a.batch_size, prox_mu=a.prox_mu),
         strategy=a.strategy, server_lr=a.server_lr, server_momentum=a.server_momentum, b1=a.b1,
         b2=a.b2, tau=a.tau, clients_per_round=a.clients_per_round, dropout=a.dropout,
-        federated_eval=not a.no_federated_eval,
+        federated_eval=not a.no_federated_eval, **privacy_args(a),
     )
+
+
+def privacy_args(a: argparse.Namespace) -> dict[str, Any]:
+    """The SimConfig privacy knobs of the flags (none without --privacy)."""
+    if a.privacy is None:
+        return {}
+    return {"privacy": a.privacy, "privacy_epsilon": a.epsilon, "privacy_delta": a.delta,
+            "privacy_n_min": a.n_min}
 
 
 #: flag -> the FederationSettings field it sets (with --project, only given flags override)
@@ -133,7 +152,7 @@ def project_run(a: argparse.Namespace) -> tuple[SimConfig, SimSetup, str]:
     fleet = project.table.simulation.fleet()
     cfg = SimConfig.from_settings(fed, num_agents=sum(map(len, fleet.values())),
                                   num_regions=len(fleet), float_mode=a.float, dropout=a.dropout,
-                                  federated_eval=not a.no_federated_eval)
+                                  federated_eval=not a.no_federated_eval, **privacy_args(a))
     return cfg, project_setup(project, fleet, data), f"{project.name} {project.version}"
 
 
@@ -184,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     mode = "float32" if cfg.float_mode else ("encrypted" if cfg.encrypted else "plaintext")
+    if cfg.privacy != "off":
+        mode += f" / {cfg.privacy} DP"
     with Progress(
         TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[acc]}"),
         TimeElapsedColumn(), console=console,
@@ -208,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "history.json").write_text(json.dumps(summary, indent=2))
     plot_history(result.history, args.out / "history.png", f"{title} / {cfg.strategy} / {mode}")
     console.print(
-        f"final accuracy {final.get('accuracy', float('nan')):.4f}; rounds to {args.target:.0%}: "
+        f"final accuracy {final.get('accuracy', float('nan')):.4f}"
+        + (f" at epsilon {final['epsilon']:.3f}" if "epsilon" in final else "")
+        + f"; rounds to {args.target:.0%}: "
         f"{summary['rounds_to_target']}; wrote {args.out}/history.json and history.png"
     )
     return 0
