@@ -40,7 +40,6 @@ from edge_agent.train import (
 from schemas import fedstream_pb2 as pb
 from schemas.cli import MqttClient, ServiceSettings, tune_malloc
 from schemas.codec import Codec, update_seed
-from schemas.dp import NoiseSource, dpsgd_epsilon
 from schemas.errors import InvalidMessage, Reason
 from schemas.keyring import Keyring
 from schemas.mqtt import MAX_PACKET_BYTES as MAX_MESSAGE_BYTES
@@ -165,6 +164,8 @@ class EdgeAgent:
                         self.s.agent_id)
             return
         batch = min(cfg.batch_size or n, n)
+        from schemas.dp import dpsgd_epsilon  # dp-accounting and scipy only when DP is on
+
         # dpsgd_epsilon counts ceil(epochs * n / batch) steps: these epochs give exactly ours
         eps = dpsgd_epsilon(n, batch, self._dp_steps * batch / n, cfg.dp_noise_multiplier, delta)
         PRIVACY_EPSILON.set(eps)
@@ -194,7 +195,11 @@ class EdgeAgent:
             self._account_examples(n, cfg, int(stats["dp_steps"]), task.train.dp_delta)
         # distributed DP: the noise comes from this device's own secret randomness, never from
         # the federation seed the global knows
-        noise = NoiseSource.secure() if codec.params.noisy else None
+        noise = None
+        if codec.params.noisy:
+            from schemas.dp import NoiseSource  # dp-accounting and scipy only when DP is on
+
+            noise = NoiseSource.secure()
         payloads = codec.encode(delta, n, update_seed(task.seed, task.round, self.s.agent_id),
                                 noise)
         weight = codec.weight(n)

@@ -26,6 +26,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -37,7 +38,6 @@ from edge_agent.train import LocalTrainConfig, evaluate
 from global_aggregator.canary import Canaries
 from global_aggregator.combine import GlobalRound, RoundResult
 from global_aggregator.history import history_key
-from global_aggregator.privacy import PrivacyPlan
 from global_aggregator.rollback import Rollbacks, open_command
 from global_aggregator.sampling import select_agents
 from global_aggregator.strategies import (
@@ -85,6 +85,9 @@ from schemas.telemetry import (
     serve,
 )
 from schemas.topics import Topics
+
+if TYPE_CHECKING:
+    from global_aggregator.privacy import PrivacyPlan
 
 log = logging.getLogger("fedstream.global")
 SERVICE = "global"
@@ -223,6 +226,8 @@ class GlobalAggregator:
         if settings.mode == "fedbuff":
             raise ValueError("distributed DP with --mode fedbuff is not supported yet: a step's "
                              "sum mixes rounds, which the accounting does not model")
+        from global_aggregator.privacy import PrivacyPlan  # dp-accounting only when DP is on
+
         agents = self.agents
         sample = len(select_agents(agents, settings.clients_per_round, settings.seed, 1))
         plan = PrivacyPlan.make(settings.privacy, self.codec_params, self.spec.num_params,
