@@ -39,7 +39,6 @@ from schemas.plan import (  # noqa: F401 - re-exported: the codec's public names
     coarse_weight,
     ct_l2_bound,
     dp_l2_bound,
-    packed_max,
     plan_ckks,
     plan_plain,
     update_seed,
@@ -330,7 +329,7 @@ class Codec:
         if float(np.abs(rounded).max()) >= 2.0**62:
             raise BoundsExceeded(Reason.INEXACT_SUM, "decrypted values beyond int64")
         ints = rounded.astype(np.int64)
-        vmax = packed_max(self.params.lane_max(count), plan.lanes, plan.lane_bits)
+        vmax = packing.packed_max(self.params.lane_max(count), plan.lanes, plan.lane_bits)
         if int(np.abs(ints[1:]).max(initial=0)) > vmax:
             raise BoundsExceeded(Reason.LANE_BOUND, "a packed sum exceeds its lane bound")
         return packing.unpack(ints[1:], plan.lanes, plan.lane_bits, self.num_params), int(ints[0])

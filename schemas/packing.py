@@ -22,14 +22,20 @@ def lane_max(bits: int, max_summands: int) -> int:
     return max_summands * ((1 << (bits - 1)) - 1)
 
 
+def lane_width(m: int) -> int:
+    """Smallest balanced-digit width that holds every lane sum within ``+-m``."""
+    return m.bit_length() + 1
+
+
 def lane_bits(bits: int, max_summands: int) -> int:
     """Smallest balanced-digit width that holds every lane sum exactly."""
-    return lane_max(bits, max_summands).bit_length() + 1
+    return lane_width(lane_max(bits, max_summands))
 
 
-def packed_max(bits: int, max_summands: int, lanes: int, width: int) -> int:
-    """Largest magnitude of a packed sum: ``M * sum_k 2**(w*k)``."""
-    return lane_max(bits, max_summands) * sum(1 << (width * k) for k in range(lanes))
+def packed_max(m: int, lanes: int, width: int) -> int:
+    """Largest magnitude of a packed sum whose lanes are within ``+-m``:
+    ``m * sum_k 2**(w*k)``."""
+    return m * sum(1 << (width * k) for k in range(lanes))
 
 
 def pack(q: np.ndarray, lanes: int, width: int) -> np.ndarray:

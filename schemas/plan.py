@@ -177,11 +177,11 @@ def plan_ckks(params: CodecParams, num_params: int, q0: int, slots: int) -> Plan
     """
     s = params.max_summands
     m = params.lane_max(s)
-    width = m.bit_length() + 1
+    width = packing.lane_width(m)
     reals_per_ct = 2 * slots
     min_scale = NOISE_AT_UNIT_SCALE * math.sqrt(s) / MAX_NOISE_STD
     for lanes in range(MAX_PACKED.bit_length() // width + 1, 0, -1):
-        vmax = max(packed_max(m, lanes, width), s * params.weight_cap)
+        vmax = max(packing.packed_max(m, lanes, width), s * params.weight_cap)
         if vmax >= MAX_PACKED:
             continue
         bound = coefficient_bound(params, lanes, width, reals_per_ct)
@@ -222,10 +222,6 @@ def ct_l2_bound(params: CodecParams, values_per_ct: int) -> float:
     return params.clip_l2 / params.scale * (1 + 1e-9) + math.sqrt(values_per_ct) + noise
 
 
-def packed_max(lane_max: int, lanes: int, width: int) -> int:
-    """Largest magnitude of a packed sum whose lanes are within ``lane_max``."""
-    return lane_max * sum(1 << (width * k) for k in range(lanes))
-
 
 def coefficient_bound(params: CodecParams, lanes: int, width: int, reals_per_ct: int) -> float:
     """Bound on ``|m_i| / scale`` for every coefficient of a summed plaintext.
@@ -237,7 +233,7 @@ def coefficient_bound(params: CodecParams, lanes: int, width: int, reals_per_ct:
     """
     s = params.max_summands
     m = params.lane_max(s)
-    vmax = max(packed_max(m, lanes, width), s * params.weight_cap)
+    vmax = max(packing.packed_max(m, lanes, width), s * params.weight_cap)
     lane_l2 = min(s * ct_l2_bound(params, reals_per_ct * lanes), m * math.sqrt(reals_per_ct))
     reals_l2 = s * params.weight_cap + lane_l2 * sum(2.0 ** (width * k) for k in range(lanes))
     n = float(reals_per_ct)            # poly degree N: N/2 complex slots = N reals

@@ -29,4 +29,4 @@ def test_sums_of_packed_values_unpack_exactly(fill):
 
     # Assert
     assert np.array_equal(unpack(total, lanes, w, n), qs.sum(axis=0))
-    assert np.abs(total).max() <= packed_max(8, s, lanes, w)
+    assert np.abs(total).max() <= packed_max(lane_max(8, s), lanes, w)
