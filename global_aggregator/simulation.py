@@ -435,8 +435,7 @@ def simulate(
             if plan is None:
                 chunks = edge_codec.encode(delta, n, update_seed(cfg.seed, round_id, aid))
             else:
-                chunks = _dp_encode(cfg, plan, edge_codec, rounding_codec, delta, n, round_id,
-                                    aid)
+                chunks = _dp_encode(cfg, edge_codec, rounding_codec, delta, n, round_id, aid)
             t["encode"] += time.perf_counter() - t0
             bytes_up += sum(len(c) for c in chunks)
             t0 = time.perf_counter()
@@ -530,27 +529,18 @@ def central_noise_std(plan: PrivacyPlan) -> float:
     return math.sqrt(plan.n_min) * plan.sigma_device
 
 
-def _dp_encode(cfg: SimConfig, plan: PrivacyPlan, codec: Codec, rounding: Codec | None,
-               delta: np.ndarray, n: int, round_id: int, aid: str) -> list[bytes]:
+def _dp_encode(cfg: SimConfig, codec: Codec, rounding: Codec | None, delta: np.ndarray,
+               n: int, round_id: int, aid: str) -> list[bytes]:
     """One device's payloads with DP: its noisy update (distributed), or the same conditionally
-    rounded update without the noise (central; ``rounding`` is the round's noisy codec).
-
-    Central: conditional rounding keeps its first draw, which is the plain stochastic rounding
-    with the same seed, unless that draw's norm exceeds the bound (probability <= 2**-20); only
-    then does the simulation round with the noisy codec and take the device's noise, which it
-    regenerates from the test seed, out again. Either way both modes round identically."""
-    from schemas.dp import NoiseSource, device_noise
-    from schemas.plan import NOISE_REDRAW_PROB, update_seed
+    rounded update without the noise (central; ``rounding`` is the round's noisy codec, whose
+    :meth:`~schemas.codec.Codec.round_update` both modes round with)."""
+    from schemas.dp import NoiseSource
+    from schemas.plan import update_seed
 
     useed, nseed = update_seed(cfg.seed, round_id, aid), noise_seed(cfg.seed, round_id, aid)
     if rounding is None:
         return codec.encode(delta, n, useed, NoiseSource.from_test_seed(nseed))
-    q = codec.quantize_update(delta, n, useed)
-    if float(np.linalg.norm(q)) > plan.device_l2:
-        q = rounding.quantize_update(delta, n, useed, NoiseSource.from_test_seed(nseed))
-        q -= device_noise(NoiseSource.from_test_seed(nseed), plan.sigma_device, q.shape[0],
-                          NOISE_REDRAW_PROB)
-    return codec.encode_quantized(q, codec.weight(n))
+    return codec.encode_quantized(rounding.round_update(delta, n, useed), codec.weight(n))
 
 
 def _server_noise(cfg: SimConfig, plan: PrivacyPlan, round_id: int, num_params: int

@@ -103,19 +103,36 @@ class Codec:
                         noise: NoiseSource | None = None) -> np.ndarray:
         """``clip(rotate(clip_l2(delta))) * weight / cap``, stochastically quantized (int64).
 
-        The L2 clip comes before the rotation (which keeps norms), the per-coordinate clip
-        after it, on the spread-out values.
-
-        With distributed DP (``params.noisy``) the rounding is conditioned on the rounded
-        vector's norm (:func:`schemas.dp.rounded_l2_bound`: the sensitivity the accountant
-        uses) and the device adds discrete Gaussian noise drawn from ``noise``, its own secret
-        randomness; without ``noise`` it refuses (``bad_params``) rather than send an update
-        with less privacy than the round promises.
+        With distributed DP (``params.noisy``) the device then adds discrete Gaussian noise
+        drawn from ``noise``, its own secret randomness, to :meth:`round_update`'s integers;
+        without ``noise`` it refuses (``bad_params``) rather than send an update with less
+        privacy than the round promises.
         """
         p = self.params
         if p.noisy and noise is None:
             raise InvalidMessage(Reason.BAD_PARAMS, "this round adds distributed-DP noise: "
                                  "the device must give its own NoiseSource")
+        q = self.round_update(delta, num_samples, seed)
+        if not p.noisy:
+            return q
+        from schemas import dp
+
+        assert noise is not None
+        z = dp.device_noise(noise, p.dp_sigma, q.shape[0], NOISE_REDRAW_PROB)
+        if int(np.abs(z).max(initial=0)) > p.dp_bound:
+            raise InvalidMessage(Reason.BAD_PARAMS, f"the round's noise bound {p.dp_bound} is "
+                                 f"below this device's, for sigma {p.dp_sigma:.3g}")
+        return q + z
+
+    def round_update(self, delta: np.ndarray, num_samples: int, seed: int) -> np.ndarray:
+        """The integers of :meth:`quantize_update` before any noise.
+
+        The L2 clip comes before the rotation (which keeps norms), the per-coordinate clip
+        after it, on the spread-out values. With distributed DP the rounding is conditioned on
+        the rounded vector's norm (:func:`schemas.dp.rounded_l2_bound`: the sensitivity the
+        accountant uses).
+        """
+        p = self.params
         x = quantize.check_finite(delta)
         if x.shape[0] != self.num_params:
             raise InvalidMessage(Reason.WRONG_NUM_PARAMS,
@@ -126,17 +143,8 @@ class Codec:
         x = quantize.clip(x, p.clip_l2, p.clip_coord)
         if w != p.weight_cap:
             x *= w / p.weight_cap
-        if not p.noisy:
-            return quantize.quantize(x, self.scale, p.bits, seed)
-        from schemas import dp
-
-        assert noise is not None
-        q = quantize.quantize(x, self.scale, p.bits, seed, l2_max=dp_l2_bound(p, self.num_params))
-        z = dp.device_noise(noise, p.dp_sigma, q.shape[0], NOISE_REDRAW_PROB)
-        if int(np.abs(z).max(initial=0)) > p.dp_bound:
-            raise InvalidMessage(Reason.BAD_PARAMS, f"the round's noise bound {p.dp_bound} is "
-                                 f"below this device's, for sigma {p.dp_sigma:.3g}")
-        return q + z
+        l2_max = dp_l2_bound(p, self.num_params) if p.noisy else None
+        return quantize.quantize(x, self.scale, p.bits, seed, l2_max=l2_max)
 
     def average(self, qsum: np.ndarray, weight_sum: int) -> np.ndarray:
         """Weighted FedAvg delta (float32): ``qsum * scale * weight_cap / weight_sum``, rotated

@@ -116,9 +116,9 @@ def test_central_adds_the_planned_noise_once_to_the_clean_sum():
     assert [e["epsilon"] for e in history] == [e["epsilon"] for e in dist]
 
 
-def test_central_rounds_exactly_like_the_noisy_codec_even_after_a_redraw():
-    # _dp_encode's fallback (the first rounding draw beyond the bound, p <= 2**-20) forced by
-    # a zero bound must give the same payloads as its fast path
+def test_central_rounds_exactly_like_the_noisy_codec():
+    # central's payload holds the noisy codec's update minus exactly the device's noise: both
+    # modes round with the same Codec.round_update (at two clips)
     setup = builtin_setup(CENTRAL)
     d = setup.spec.num_params
     plan = privacy_plan(CENTRAL, d)
@@ -129,10 +129,19 @@ def test_central_rounds_exactly_like_the_noisy_codec_even_after_a_redraw():
     x, y, _, _ = setup.data[0]
     delta, n, _ = train_local(setup.spec, init_flat(setup.spec, CENTRAL.seed), x, y,
                               CENTRAL.local, 1)
-    fast = _dp_encode(CENTRAL, plan, codec, Codec(noisy, d), delta, n, 1, "agent-000")
-    slow = _dp_encode(CENTRAL, dataclasses.replace(plan, device_l2=0.0), codec,
-                      Codec(noisy, d), delta, n, 1, "agent-000")
-    assert fast == slow
+    useed, nseed = update_seed(CENTRAL.seed, 1, "agent-000"), noise_seed(CENTRAL.seed, 1,
+                                                                          "agent-000")
+    for params in (noisy, dataclasses.replace(noisy, clip_l2=noisy.clip_l2 * 4)):
+        with_noise = Codec(params, d).quantize_update(delta, n, useed,
+                                                      dp.NoiseSource.from_test_seed(nseed))
+        noise = dp.device_noise(dp.NoiseSource.from_test_seed(nseed), params.dp_sigma, d,
+                                NOISE_REDRAW_PROB)
+        rounded = Codec(params, d).round_update(delta, n, useed)
+        assert np.array_equal(rounded, with_noise - noise)
+    # ... and that is what a central-mode device sends
+    payload = _dp_encode(CENTRAL, codec, Codec(noisy, d), delta, n, 1, "agent-000")
+    assert payload == codec.encode_quantized(Codec(noisy, d).round_update(delta, n, useed),
+                                             codec.weight(n))
 
 
 def _dp_accounting_epsilon(z: float, rounds: int, delta: float) -> float:
