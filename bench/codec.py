@@ -196,25 +196,23 @@ def smallest_within_goal(rows: list[dict], accuracy: Path) -> dict:
 
 
 def ct_size_options(pk: HEContext) -> list[dict]:
-    """Bytes per parameter of the 4-bit / 16-summand plan under each ring or serialization."""
+    """Bytes per parameter of the 4-bit / 16-summand plan: each ring, bit-packed (the wire
+    format, ``schemas/he.py``) and in SEAL's own serialization (zstd-compressed 64-bit words)."""
     from schemas.plan import plan_ckks
     p = CodecParams(bits=4, max_summands=16)
     out = []
-    for name, he in (("N=4096 [60,49], SEAL format (used)", pk),
-                     ("N=8192 [60,49], SEAL format",
-                      HEContext.from_bytes(generate_keys(8192, (60, 49))[1]))):
+    for ring, he in (("N=4096 [60,49]", pk),
+                     ("N=8192 [60,49]", HEContext.from_bytes(generate_keys(8192, (60, 49))[1]))):
         seal = he.seal
         plan = plan_ckks(p, 1_000_000, seal.q0, seal.slots)
-        ct = seal.save(seal.encrypt([0j] * seal.slots, plan.he_scale))
-        out.append({"option": name, "ct_bytes": len(ct), "reals_per_ct": plan.reals_per_ct,
-                    "lanes": plan.lanes, "bytes_per_param": len(ct) / plan.reals_per_ct /
-                    plan.lanes})
-    used = out[0]
-    q_bits = pk.seal.q0.bit_length()
-    packed = used["ct_bytes"] - 2 * used["reals_per_ct"] * 8 + 2 * used["reals_per_ct"] * q_bits / 8
-    out.append({"option": f"N=4096, coefficients bit-packed to {q_bits} bits (estimate)",
-                "ct_bytes": packed, "reals_per_ct": used["reals_per_ct"], "lanes": used["lanes"],
-                "bytes_per_param": packed / used["reals_per_ct"] / used["lanes"]})
+        ct = seal.encrypt([0j] * seal.slots, plan.he_scale)
+        ct.save(seal.file.path)
+        sizes = {"bit-packed": len(seal.save(ct)), "SEAL format": len(seal.file.read())}
+        for fmt, size in sizes.items():
+            used = " (used)" if he is pk and fmt == "bit-packed" else ""
+            out.append({"option": f"{ring}, {fmt}{used}", "ct_bytes": size,
+                        "reals_per_ct": plan.reals_per_ct, "lanes": plan.lanes,
+                        "bytes_per_param": size / plan.reals_per_ct / plan.lanes})
     return out
 
 

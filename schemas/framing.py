@@ -1,14 +1,14 @@
 """Chunk payloads: the byte layout of one chunk of an update or a sum, and its parser.
 
-Chunk payload (layout version 1) = one zstd frame (content size + xxhash64 checksum) of::
+Chunk payload (layout version 2) = one zstd frame (content size + xxhash64 checksum) of::
 
     header, 56 bytes, little-endian ("<4sBBBBIIQII8s16s"):
-      magic b"FSUC" | version u8 = 1 | mode u8 (1 = CKKS, 2 = plain) | dtype u8 (plain: 1 int8,
+      magic b"FSUC" | version u8 = 2 | mode u8 (1 = CKKS, 2 = plain) | dtype u8 (plain: 1 int8,
       2 int16, 8 int64; CKKS: 0) | reserved u8 = 0 | chunk_index u32 | num_chunks u32 |
       num_params u64 | summands u32 (updates in this sum) | items u32 (ciphertexts or values) |
       plan digest 8 bytes (SHA-256 of the codec parameters and num_params) |
       HE fingerprint 16 bytes (first half of the SHA-256 fingerprint; zeros in plain mode)
-    body, CKKS:  items x (u32 length | SEAL ciphertext serialization)
+    body, CKKS:  items x (u32 length | bit-packed ciphertext, schemas.he)
     body, plain: i64 weight sum (chunk 0 only, 0 elsewhere) | items x dtype values
 
 :class:`Framer` knows one round's layout (from the codec) and turns payloads into
@@ -27,11 +27,10 @@ import numpy as np
 import zstandard
 
 from schemas.errors import InvalidMessage, Reason
-from schemas.he import MAX_CT_BYTES
 from schemas.plan import Plan
 
 MAGIC = b"FSUC"
-VERSION = 1
+VERSION = 2
 MODE_CKKS = 1
 MODE_PLAIN = 2
 HEADER = struct.Struct("<4sBBBBIIQII8s16s")
@@ -101,7 +100,7 @@ class Framer:
 
     def max_content(self) -> int:
         if self.mode == MODE_CKKS:
-            return HEADER.size + self.plan.cts_per_chunk * (LEN.size + MAX_CT_BYTES)
+            return HEADER.size + self.plan.cts_per_chunk * (LEN.size + self.plan.ct_bytes)
         return HEADER.size + 8 + 8 * self.plan.params_per_chunk
 
     def max_payload_bytes(self) -> int:
@@ -218,8 +217,10 @@ class Framer:
                 raise InvalidMessage(Reason.TRUNCATED, "ciphertext list is cut short")
             (n,) = LEN.unpack_from(body, pos)
             pos += LEN.size
-            if n > MAX_CT_BYTES:
-                raise InvalidMessage(Reason.OVERSIZED, f"ciphertext of {n} bytes")
+            if n != self.plan.ct_bytes:
+                raise InvalidMessage(Reason.OVERSIZED if n > self.plan.ct_bytes else
+                                     Reason.TRUNCATED, f"ciphertext of {n} bytes, the plan's are "
+                                     f"{self.plan.ct_bytes}")
             if pos + n > len(body):
                 raise InvalidMessage(Reason.TRUNCATED, "ciphertext is cut short")
             out.append(bytes(body[pos:pos + n]))

@@ -18,7 +18,7 @@ import numpy as np
 
 from schemas import packing, quantize
 from schemas.errors import InvalidMessage, Reason
-from schemas.he import MAX_CT_BYTES
+from schemas.he import packed_ct_bytes
 
 _LEN = struct.Struct("<I")
 _SLACK = 1024                    # header + zstd framing allowance per chunk
@@ -154,6 +154,7 @@ class Plan:
     he_scale: float = 0.0        # CKKS encoding scale (0 in plain mode)
     reals_per_ct: int = 0        # 2 * slots (0 in plain mode)
     num_reals: int = 0           # R = 1 + ceil(num_params / lanes) (0 in plain mode)
+    ct_bytes: int = 0            # one packed ciphertext (schemas.he; 0 in plain mode)
 
 
 def update_seed(base_seed: int, round_id: int, agent_id: str) -> int:
@@ -202,14 +203,14 @@ def plan_ckks(params: CodecParams, num_params: int, q0: int, slots: int) -> Plan
             f"a {width}-bit lane needs a CKKS scale "
             f">= {min_scale:.3g} for exact rounding but the 60-bit modulus allows less")
     reals_per_ct = 2 * slots
-    ct_bytes = _LEN.size + MAX_CT_BYTES
-    cts_per_chunk = max(1, (params.chunk_bytes - _SLACK) // ct_bytes)
+    ct_bytes = packed_ct_bytes(2 * slots)
+    cts_per_chunk = max(1, (params.chunk_bytes - _SLACK) // (_LEN.size + ct_bytes))
     num_reals = 1 + -(-num_params // lanes)
     reals_per_chunk = cts_per_chunk * reals_per_ct
     return Plan(lanes=lanes, lane_bits=width, values_per_ct=reals_per_ct * lanes,
                 cts_per_chunk=cts_per_chunk, params_per_chunk=reals_per_chunk * lanes,
                 num_chunks=-(-num_reals // reals_per_chunk), he_scale=he_scale,
-                reals_per_ct=reals_per_ct, num_reals=num_reals)
+                reals_per_ct=reals_per_ct, num_reals=num_reals, ct_bytes=ct_bytes)
 
 
 def ct_l2_bound(params: CodecParams, values_per_ct: int) -> float:

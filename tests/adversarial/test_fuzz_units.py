@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from global_aggregator.combine import GlobalRound
@@ -104,6 +104,53 @@ def test_global_partial_check_refuses_anything_inconsistent(world, region, group
     with pytest.raises(InvalidMessage):
         gr.add_partial(region, group, count, index, raw, agents, weights)
     assert gr.finish().avg_delta is None and gr.complete_regions == []
+
+
+coefficient_edits = st.lists(st.tuples(  # q0 = 2^60 - 16383: half the values near the top are >= q0
+    st.integers(0, 2 * 4096 - 1), st.one_of(st.integers(0, 2**60 - 1),
+                                            st.integers(2**60 - 2**15, 2**60 - 1))), max_size=4)
+
+
+@FUZZ
+@given(edits=coefficient_edits,
+       flips=st.lists(st.tuples(st.integers(0, 61_439), st.integers(1, 255)), max_size=4),
+       resize=st.sampled_from([0, 0, 0, -1, 1, -61_440, -30_000, 7]))
+def test_packed_ciphertext_loads_exactly_when_every_coefficient_is_below_q0(world, edits, flips,
+                                                                            resize):
+    # A stolen device controls a ciphertext's coefficients and nothing else: whatever they are,
+    # the region's check loads it iff the length is the ring's and every coefficient is < q0
+    # (a reference decision on Python integers), and refuses it with a named reason otherwise
+    edge, _, _, _, payloads = world
+    seal, w = edge.context.seal, 60
+    cts = edge.framer.parse(payloads[0]).ciphertexts()
+    big = int.from_bytes(cts[0], "little")
+    for i, v in edits:
+        big = (big & ~(((1 << w) - 1) << (i * w))) | (v << (i * w))
+    data = bytearray(big.to_bytes(len(cts[0]), "little"))
+    for pos, x in flips:
+        data[pos] ^= x
+    data = bytes(data[:len(data) + resize]) if resize <= 0 else bytes(data) + bytes(resize)
+    pairs = [int.from_bytes(data[k:k + 15], "little") for k in range(0, len(data) - 14, 15)]
+    coeffs = [c for p in pairs for c in (p & ((1 << w) - 1), p >> w)]   # 2 x 60 bits in 15 bytes
+    loads = len(data) == seal.ct_bytes and max(coeffs) < seal.q0
+
+    event("loads" if loads else "refused")
+    try:
+        ct = seal.load(data, edge.plan.he_scale)
+    except InvalidMessage as e:
+        assert not loads and e.reason == Reason.CORRUPT
+    else:
+        assert loads and [ct.dyn_array().at(i) for i in range(0, 8192, 97)] == coeffs[::97]
+
+    rs = RegionalSum(edge, 1, expected=["agent-000"])
+    payload = edge.framer.frame_cts(0, 1, [data, *cts[1:]])
+    try:
+        rs.add_chunk("agent-000", 0, edge.num_chunks, payload, weight=96)
+    except InvalidMessage as e:
+        assert not loads and e.reason in (Reason.CORRUPT, Reason.OVERSIZED, Reason.TRUNCATED)
+        assert rs.in_flight == []
+    else:
+        assert loads
 
 
 def test_control_commands_only_from_an_operator():

@@ -266,9 +266,12 @@ def test_default_plan_packs_four_lanes_in_both_halves(keys):
     # Execute
     plan = Codec(CodecParams(), N_BIG, keys[1]).plan
 
-    # Assert: 3-bit values, 64 summands: 9-bit lanes, 4 per real, 2 reals per slot
+    # Assert: 3-bit values, 64 summands: 9-bit lanes, 4 per real, 2 reals per slot; ciphertexts
+    # of 4096 coefficients x 2 parts x 60 bits, as many per 1 MiB chunk as fit with their lengths
     assert (plan.lanes, plan.lane_bits, plan.values_per_ct) == (4, 9, 16384)
-    assert plan.num_chunks == 5
+    assert plan.ct_bytes == 2 * 4096 * 60 // 8
+    assert plan.cts_per_chunk == (2**20 - 1024) // (4 + plan.ct_bytes) == 17
+    assert plan.num_chunks == -(-(1 + N_BIG // 4) // (17 * 4096)) == 4
 
 
 def test_payload_size_is_under_six_bytes_per_param(keys):
@@ -299,7 +302,7 @@ def test_public_context_cannot_decrypt(keys):
 def small(keys):
     """A 3-chunk encrypted codec over 30,000 params and one encoded update."""
     sk, pk = keys
-    params = CodecParams(chunk_bytes=2 * 65_800 + 1024, bits=8)  # 2 ciphertexts a chunk
+    params = CodecParams(chunk_bytes=70_000, bits=8)  # one ciphertext (61,444 B framed) a chunk
     enc, dec = Codec(params, 30_000, pk), Codec(params, 30_000, sk)
     chunks = enc.encode(np.random.default_rng(0).normal(0, 0.01, 30_000), 50, 3)
     return enc, dec, chunks
