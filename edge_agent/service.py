@@ -84,7 +84,8 @@ class EdgeSettings(ServiceSettings, MqttClient):
         "(repeatable), over the project's loader_options; e.g. --data path=/var/log/x.csv")
     report_eval: bool = Field(
         False, description="opt in: send this device's local test loss and accuracy IN CLEAR "
-        "beside its encrypted update (off: only ciphertext and a coarse weight leave)")
+        "beside its encrypted update (off: only ciphertext and a coarse weight leave; "
+        "withheld in federations with differential privacy)")
     straggle_s: float = Field(0.0, ge=0, description="testing: wait this long before "
                               "publishing each update (a slow device)")
     delay: str = Field(
@@ -146,6 +147,7 @@ class EdgeAgent:
         self._busy = False
         self._newest_version = -1
         self._dp_steps = 0  # DP-SGD: noisy local steps taken so far (this process)
+        self._eval_withheld = False  # --report-eval in a DP federation (logged once)
 
     def _republish(self) -> None:
         """Called in paho's thread after each (re)connect: resend every unreceipted update."""
@@ -173,6 +175,19 @@ class EdgeAgent:
         log.info("%s: DP-SGD over %d steps of %d examples (batch %d): epsilon %.4f at delta %g",
                  self.s.agent_id, self._dp_steps, n, batch, eps, delta)
 
+    def _reports_eval(self, codec: Codec, cfg: LocalTrainConfig) -> bool:
+        """``--report-eval``, except in a DP round: evaluation sums travel in clear, outside the
+        noise and the accounting, so a device that is promised an epsilon keeps them."""
+        if not self.s.report_eval:
+            return False
+        if codec.params.noisy or cfg.dp:
+            if not self._eval_withheld:
+                log.warning("--report-eval: evaluation withheld, this federation runs with "
+                            "differential privacy and the sums would travel in clear")
+                self._eval_withheld = True
+            return False
+        return True
+
     def build_update(self, mv: pb.ModelVersion) -> list[bytes]:
         """Train on the local data from ``mv`` and return the signed update chunk envelopes
         (blocking: call it off the event loop)."""
@@ -187,7 +202,7 @@ class EdgeAgent:
         params = np.frombuffer(mv.params, "<f4").copy()
         data = load_device_data(self.loader, self.data_ctx, spec.input_shape)  # data_error
         x, y, xt, yt = data.x_train, data.y_train, data.x_test, data.y_test
-        ev = evaluate(spec, params, xt, yt) if self.s.report_eval else {}
+        ev = evaluate(spec, params, xt, yt) if self._reports_eval(codec, cfg) else {}
         delta, n, stats = train_local(spec, params, x, y, cfg,
                                       local_seed(task.seed, task.round, self.s.agent_id),
                                       dp_seed=new_dp_seed() if cfg.dp else None)

@@ -114,7 +114,7 @@ class GlobalSettings(ServiceSettings, KafkaClient, FederationSettings):
     kafka_retry_s: float = Field(2.0, gt=0, description="pause before resuming after a Kafka "
                                  "error")
     canary_fraction: float = Field(
-        0.0, ge=0, le=1, description="canary rounds (sync mode; devices need --report-eval): "
+        0.0, ge=0, le=1, description="canary rounds (sync mode, no DP; devices need --report-eval): "
         "each round's new version goes first to this fraction of the regions only, whose "
         "devices evaluate it; it is then promoted to every region, or rolled back (0: off)")
     canary_max_drop: float = Field(
@@ -221,6 +221,10 @@ class GlobalAggregator:
 
     def _privacy_plan(self, settings: GlobalSettings) -> PrivacyPlan | None:
         """Distributed DP: the noise every device adds (in the codec of every round task)."""
+        if settings.privacy.mode != "off" and settings.canary_fraction > 0:
+            raise ValueError("canary rounds with differential privacy are not supported: a "
+                             "canary is judged on federated evaluation, which devices withhold "
+                             "in DP federations (it would travel in clear, outside the noise)")
         if settings.privacy.mode != "distributed":
             return None
         if settings.mode == "fedbuff":

@@ -9,6 +9,9 @@ of exactly the planned size."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -16,6 +19,7 @@ import pytest
 from dp_accounting.rdp import RdpAccountant
 
 from edge_agent.models import project_spec
+from global_aggregator.keygen import write_keys
 from global_aggregator.privacy import PrivacyPlan
 from schemas.project import load_project
 from schemas.settings import FederationSettings, PrivacySettings
@@ -24,6 +28,7 @@ from tests.e2e.helpers import make_federation, scrape, simulate_federation, watc
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 EPSILON, ROUNDS, DEVICES = 20.0, 4, 6
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _budget_for_two_rounds(fed) -> float:
@@ -54,6 +59,7 @@ def test_epsilon_in_provenance_and_metrics_and_the_budget_stops_the_run(stack, t
     budget = _budget_for_two_rounds(fed)
     fed.global_args += ["--privacy.mode", "distributed", "--privacy.epsilon", str(EPSILON),
                         "--privacy.budget", str(budget), "--linger-s", "60"]
+    fed.edge_args = ["--report-eval"]  # asked for, and withheld: it would travel in clear
     port = with_metrics(fed, "global")
 
     # Execute
@@ -85,6 +91,10 @@ def test_epsilon_in_provenance_and_metrics_and_the_budget_stops_the_run(stack, t
     assert metrics[("fedstream_privacy_epsilon", ())] == pytest.approx(priv[1].epsilon)
     assert metrics[("fedstream_privacy_epsilon_budget", ())] == pytest.approx(budget)
     assert "privacy budget" in fed.log("global", 400)
+    # ... no device sent its evaluation in clear, though asked to (--report-eval)
+    for v in versions[1:]:
+        assert "federated_accuracy" not in v.message.provenance.metrics
+    assert "evaluation withheld" in fed.log("agent-000", 400)
     # ... and round 1 is the noiseless round (the simulation with weights 1) plus the devices'
     # noise, averaged: per coordinate sqrt(6) sigma steps over 6 (the rotation keeps it)
     sim = simulate_federation(fed, rounds=1, weight_cap=1)
@@ -128,3 +138,19 @@ def test_example_level_dp_sgd_on_every_device_reports_its_own_epsilon(stack, tmp
     eps = acc.get_epsilon(1e-5)
     assert logged == pytest.approx(eps, abs=1e-4)
     assert steps == 2 * 2 * -(-n // batch)  # 2 rounds x 2 epochs x ceil(n / batch) steps
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--canary-fraction", "0.5"], "canary rounds with differential privacy"),
+    (["--mode", "fedbuff"], "--mode fedbuff is not supported"),
+])
+def test_the_global_refuses_what_dp_does_not_cover(tmp_path, extra, says):
+    # A canary needs federated evaluation (withheld under DP); FedBuff mixes rounds in a step
+    keys = tmp_path / "keys"
+    write_keys(keys, devices={"region-0": ["dev-a", "dev-b"]})
+    glob = subprocess.run(
+        [sys.executable, "-m", "global_aggregator.cli", "--kafka", "127.0.0.1:1", "--keys",
+         str(keys), "--project", str(ROOT / "examples" / "digits"), "--privacy.mode",
+         "distributed", "--privacy.epsilon", "8", *extra],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert glob.returncode == 2 and says in glob.stderr, glob.stderr
