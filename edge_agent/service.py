@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, field_validator
 
+from edge_agent.dp_ledger import DpLedger
 from edge_agent.loaders import DeviceContext, device_options, load_device_data, resolve_loader
 from edge_agent.models import model_hash, project_spec
 from edge_agent.train import (
@@ -92,6 +93,10 @@ class EdgeSettings(ServiceSettings, MqttClient):
         "", pattern=r"^$|^pareto:[0-9.]+:[0-9.]+$", description="benchmarks: before publishing "
         "each update, also wait a heavy-tailed time, pareto:SCALE:ALPHA (seconds; drawn per "
         "device and round from the federation seed, so runs compare like for like)")
+    dp_ledger: Path | None = Field(
+        None, description="the DP-SGD privacy ledger: every noisy local step this device took, "
+        "kept across restarts so that its epsilon covers them all (default "
+        "<keys>/<device-id>.dp-ledger.json)")
     compile_cache: str = Field(
         str(Path.home() / ".cache" / "fedstream" / "xla"),
         description="keep the compiled training step here, so that every start after the first "
@@ -146,7 +151,10 @@ class EdgeAgent:
         self._stop = asyncio.Event()
         self._busy = False
         self._newest_version = -1
-        self._dp_steps = 0  # DP-SGD: noisy local steps taken so far (this process)
+        # DP-SGD: every noisy local step this device took, across restarts (a bad ledger stops
+        # the start: a fresh one would under-report epsilon)
+        self.dp_ledger = DpLedger(settings.dp_ledger or settings.keys
+                                  / f"{settings.device_id}.dp-ledger.json", settings.device_id)
         self._eval_withheld = False  # --report-eval in a DP federation (logged once)
 
     def _republish(self) -> None:
@@ -158,22 +166,29 @@ class EdgeAgent:
 
     def _account_examples(self, n: int, cfg: LocalTrainConfig, steps: int,
                           delta: float) -> None:
-        """Example-level DP-SGD: this device's own epsilon over every noisy step it took so far
-        (its data, its examples; exported as fedstream_privacy_epsilon)."""
-        self._dp_steps += steps
+        """Example-level DP-SGD: record this round's noisy steps in the device's ledger (before
+        the update leaves) and report epsilon over every step it ever took (its data, its
+        examples; exported as fedstream_privacy_epsilon).
+
+        Raises:
+            InvalidMessage("data_error"): the ledger cannot be written: no update leaves whose
+                privacy cost is not recorded.
+        """
+        batch = min(cfg.batch_size or n, n)
+        try:
+            self.dp_ledger.record(batch / n, cfg.dp_noise_multiplier, steps)
+        except OSError as exc:
+            raise InvalidMessage(Reason.DATA_ERROR, f"cannot record DP-SGD steps in "
+                                 f"{self.dp_ledger.path}: {exc}") from None
         if not 0 < delta < 1:
             log.warning("%s: the round task gives no delta for DP-SGD: epsilon not accounted",
                         self.s.agent_id)
             return
-        batch = min(cfg.batch_size or n, n)
-        from schemas.dp import dpsgd_epsilon  # dp-accounting and scipy only when DP is on
-
-        # dpsgd_epsilon counts ceil(epochs * n / batch) steps: these epochs give exactly ours
-        eps = dpsgd_epsilon(n, batch, self._dp_steps * batch / n, cfg.dp_noise_multiplier, delta)
+        eps = self.dp_ledger.epsilon(delta)
         PRIVACY_EPSILON.set(eps)
         PRIVACY_DELTA.set(delta)
         log.info("%s: DP-SGD over %d steps of %d examples (batch %d): epsilon %.4f at delta %g",
-                 self.s.agent_id, self._dp_steps, n, batch, eps, delta)
+                 self.s.agent_id, self.dp_ledger.steps, n, batch, eps, delta)
 
     def _reports_eval(self, codec: Codec, cfg: LocalTrainConfig) -> bool:
         """``--report-eval``, except in a DP round: evaluation sums travel in clear, outside the

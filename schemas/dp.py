@@ -784,6 +784,29 @@ def dpsgd_epsilon(num_examples: int, batch_size: int, epochs: float, noise_multi
     return _dpsgd_eps(q, steps, min(z, Z_MAX), dl)
 
 
+def dpsgd_runs_epsilon(runs: list[tuple[float, float, int]], delta: float) -> float:
+    """Example-level epsilon of DP-SGD steps of several sampling rates and multipliers: runs of
+    ``(q, z, steps)``, each step a Poisson-sampled (rate ``q``) Gaussian with multiplier ``z``,
+    all composed by one dp-accounting RDP accountant (add-or-remove-one); a device's ledger
+    across restarts and data sizes. Multipliers as in :func:`dpsgd_epsilon`.
+
+    Raises:
+        ValueError: a ``q`` not in ``(0, 1]``, a ``z`` not finite and ``> 0``, ``steps`` not in
+            ``1..10**9``, or ``delta`` not in ``(0, 1)``.
+    """
+    dl = _prob("delta", delta)
+    acc = RdpAccountant()
+    for q, z, steps in runs:
+        q = _float("q", q, 0.0, 1.0, lo_open=True)
+        z = _float("noise_multiplier", z, 0.0, math.inf, lo_open=True, hi_open=True)
+        n = _int("steps", steps, 1, 10**9)
+        if z < Z_MIN:
+            return math.inf
+        acc.compose(dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.GaussianDpEvent(min(z, Z_MAX))), n)
+    return max(float(acc.get_epsilon(dl)), 0.0)
+
+
 def dpsgd_noise_multiplier(target_eps: float, delta: float, num_examples: int, batch_size: int,
                            epochs: float) -> float:
     """Smallest DP-SGD noise multiplier (to a relative 1e-4, on the safe side) whose
@@ -815,6 +838,6 @@ __all__ = [
     "MAX_ABS_INPUT", "MAX_COUNT", "MAX_NORM", "MAX_SIGMA", "MAX_SIZE", "Z_MAX", "Z_MIN", "NoiseSource",
     "PrivacyLedger", "RoundRecord", "central_sigma", "conditional_round", "ddg_rho", "ddg_tau",
     "device_noise", "device_noise_bound", "discrete_gaussian", "dpsgd_epsilon",
-    "dpsgd_noise_multiplier", "effective_noise_multiplier", "noise_tail", "plan_sigma",
+    "dpsgd_noise_multiplier", "dpsgd_runs_epsilon", "effective_noise_multiplier", "noise_tail", "plan_sigma",
     "redraw_delta", "round_record", "rounded_l2_bound", "sum_sensitivity",
 ]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
+from edge_agent.dp_ledger import DpLedger
 from edge_agent.models import project_spec
 from global_aggregator.keygen import write_keys
 from global_aggregator.privacy import PrivacyPlan
@@ -138,6 +139,9 @@ def test_example_level_dp_sgd_on_every_device_reports_its_own_epsilon(stack, tmp
     eps = acc.get_epsilon(1e-5)
     assert logged == pytest.approx(eps, abs=1e-4)
     assert steps == 2 * 2 * -(-n // batch)  # 2 rounds x 2 epochs x ceil(n / batch) steps
+    # ... every step is in the device's ledger, which a restart would continue from
+    ledger = DpLedger(fed.keys_of("agent-000") / "agent-000.dp-ledger.json", "agent-000")
+    assert ledger.steps == steps and ledger.epsilon(1e-5) == pytest.approx(logged, abs=1e-4)
 
 
 @pytest.mark.parametrize("extra, says", [
