@@ -12,13 +12,13 @@ aggregators). Both carry the same :func:`fingerprint`: hex SHA-256 of the public
 
 Ciphertexts travel bit-packed: the 2 x N coefficients of a fresh-level, 2-part ciphertext, each
 in 60 bits (every fedstream ring has one 60-bit data prime q0), two coefficients in 15 bytes,
-little-endian, and nothing else: 61,440 bytes for the default ring, 6.4 % less than SEAL's own serialization (65,659 bytes: SEAL's zstd
-does not shrink uniform residues mod a 60-bit prime stored in 64-bit words). Everything else SEAL
-writes (parms_id, size, degree, scale, its headers) is the same for every ciphertext of a plan, so
-the receiver rebuilds it from its own context and the plan's scale. A hostile sender controls only
-coefficients: a packed ciphertext of the wrong length or with a coefficient >= q0 is refused as
-``corrupt`` before SEAL sees it, and SEAL never parses a header or a compressed stream that came
-off the wire.
+little-endian, and nothing else. That is 61,440 bytes for the default ring, 6.4 % less than
+SEAL's own serialization (65,659 bytes: SEAL's zstd does not shrink uniform residues mod a 60-bit
+prime stored in 64-bit words). Everything else SEAL writes (parms_id, size, degree, scale, its
+headers) is the same for every ciphertext of a plan, so the receiver rebuilds it from its own
+context and the plan's scale. A hostile sender controls only coefficients: a packed ciphertext of
+the wrong length or with a coefficient >= q0 is refused as ``corrupt`` before SEAL sees it, and
+SEAL never parses a header or a compressed stream that came off the wire.
 
 The ``sealapi`` bindings only offer ``Ciphertext.save(path)`` / ``load(ctx, path)``; no bytes or
 buffer API exists (``data()`` and ``DynArray.at`` read single coefficients, pickling is
@@ -51,8 +51,6 @@ COEFF_MOD_BIT_SIZES = (60, 49)
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")
 _SEAL_MAGIC = 0xA15E
 _COMPR_NONE, _COMPR_ZLIB, _COMPR_ZSTD = 0, 1, 2
-
-
 #: Bits of the one data prime q0 of every fedstream ring (SEAL's largest prime size).
 Q0_BITS = 60
 _MASK60 = np.uint64((1 << Q0_BITS) - 1)
