@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -115,14 +116,38 @@ def summary(v: VerifiedModel) -> dict[str, Any]:
         "canary_decision": mv.provenance.canary.decision
         if mv.provenance.HasField("canary") else None,
         "params_sha256": params_sha256(v.params)[:16],
+        "epsilon": _epsilon(mv.provenance.privacy) if mv.provenance.HasField("privacy") else None,
+        "budget_reached": mv.provenance.privacy.budget_reached,
     }
+
+
+def _epsilon(pr: pb.Privacy) -> float | str:
+    """Epsilon spent, ``"inf"`` when unbounded (JSON has no infinity)."""
+    return pr.epsilon if math.isfinite(pr.epsilon) else "inf"
+
+
+def privacy_line(pr: pb.Privacy) -> str:
+    """One sentence of a version's privacy provenance (docs/privacy.md)."""
+    eps = _epsilon(pr)
+    eps = eps if isinstance(eps, str) else f"{eps:.4g}"
+    line = (f"{pr.mode} DP: epsilon {eps} at delta {pr.delta:g} over {len(pr.rounds)} "
+            f"round{'s' * (len(pr.rounds) != 1)}, composed without sampling amplification "
+            f"(with it: {pr.epsilon_amplified:.4g})")
+    if pr.budget:
+        line += f"; budget {pr.budget:g}" + (" [yellow]reached: final[/]" if pr.budget_reached
+                                             else "")
+    if pr.sigma_device:
+        line += (f"; noise std {pr.sigma_device:.4g} steps per device, "
+                 f"sensitivity {pr.sensitivity:.4g}, n_min {pr.n_min}")
+    return line
 
 
 def print_list(console: Console, rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title, header_style="bold")
     for col, just in (("version", "right"), ("kind", "left"), ("round", "right"),
                       ("parent", "right"), ("created (UTC)", "left"), ("devices", "right"),
-                      ("server acc", "right"), ("fed. acc", "right"), ("note", "left")):
+                      ("server acc", "right"), ("fed. acc", "right"), ("epsilon", "right"),
+                      ("note", "left")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in rows:
         note = []
@@ -135,6 +160,8 @@ def print_list(console: Console, rows: list[dict[str, Any]], title: str) -> None
             note.append(f"[green]promoted v{r['parent']}[/]")
         if r["excluded_agents"]:
             note.append(f"[red]{r['excluded_agents']} excluded[/]")
+        if r["budget_reached"]:
+            note.append("[yellow]privacy budget reached[/]")
         if r["final"]:
             note.append("[green]final[/]")
         kind = {"rollback": "[yellow]rollback[/]", "candidate": "[cyan]candidate[/]"}.get(
@@ -142,7 +169,9 @@ def print_list(console: Console, rows: list[dict[str, Any]], title: str) -> None
         table.add_row(str(r["version"]), kind, str(r["round"]),
                       "-" if r["parent"] is None else str(r["parent"]), r["created"],
                       str(r["participants"]), _num(r["server_accuracy"]),
-                      _num(r["federated_accuracy"]), ", ".join(note))
+                      _num(r["federated_accuracy"]),
+                      r["epsilon"] if isinstance(r["epsilon"], str) else _num(r["epsilon"], ".3g"),
+                      ", ".join(note))
     console.print(table)
 
 
@@ -181,6 +210,8 @@ def print_show(console: Console, v: VerifiedModel) -> None:
         head.add_row("codec", f"{c.bits} bits, clip L2 {c.clip_l2:g}, "
                      f"{'CKKS-encrypted' if c.encrypted else 'plaintext'}"
                      + (", rotated" if c.rotate else ""))
+    if prov.HasField("privacy"):
+        head.add_row("privacy", privacy_line(prov.privacy))
     head.add_row("parameters", f"{v.params.size:,} float32, L2 norm "
                  f"{float(np.linalg.norm(v.params.astype(np.float64))):.4f}, sha256 "
                  f"{rec['params_sha256'][:16]}…")

@@ -133,3 +133,44 @@ def test_canary_rounds_refuse_fedbuff():
     s = SimpleNamespace(canary_fraction=0.5, canary_max_drop=0.05, mode="fedbuff")
     with pytest.raises(ValueError, match="synchronous"):
         Canaries(SimpleNamespace(s=s))  # type: ignore[arg-type]
+
+
+def _verified(mv: pb.ModelVersion):
+    from global_aggregator.consumer import VerifiedModel
+    params = np.frombuffer(mv.params, "<f4")
+    return VerifiedModel(model_name=mv.model_name, version=mv.header.model_version,
+                         round=mv.provenance.round, final=mv.final, params=params,
+                         metrics=dict(mv.provenance.metrics), participants={}, message=mv,
+                         offset=0)
+
+
+def test_list_and_show_tell_the_privacy_spent(spec):
+    # Prepare: a DP version that reached its budget, and one without DP
+    from rich.console import Console
+
+    from global_aggregator.models_cli import print_list, print_show, summary
+    flat = init_flat(spec, 0)
+    dp = _version(flat, 4)
+    dp.provenance.privacy.CopyFrom(pb.Privacy(
+        mode="distributed", epsilon=7.912, delta=1e-5, budget=8.0, budget_reached=True,
+        sigma_device=44.3, sensitivity=620.0, n_min=1000, epsilon_amplified=1.25,
+        rounds=[pb.PrivacyRound(population=1000, sample=1000, contributors=1000,
+                                noise_multiplier=3.0)] * 12))
+    dp.final = True
+    plain = _version(flat, 3)
+    console = Console(record=True, width=200)
+
+    # Execute
+    rows = [summary(_verified(plain)), summary(_verified(dp))]
+    print_list(console, rows, "versions")
+    print_show(console, _verified(dp))
+    out = console.export_text()
+
+    # Assert: the numbers of the provenance, in the list and in show
+    assert rows[0]["epsilon"] is None and rows[1]["epsilon"] == pytest.approx(7.912)
+    assert "7.91" in out and "privacy budget reached" in out
+    assert "distributed DP: epsilon 7.912 at delta 1e-05 over 12 rounds" in out
+    assert "(with it: 1.25)" in out and "budget 8 reached" in out and "n_min 1000" in out
+    # ... and an unbounded epsilon stays JSON-safe
+    dp.provenance.privacy.epsilon = float("inf")
+    assert summary(_verified(dp))["epsilon"] == "inf"
