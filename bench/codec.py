@@ -206,8 +206,9 @@ def ct_size_options(pk: HEContext) -> list[dict]:
         seal = he.seal
         plan = plan_ckks(p, 1_000_000, seal.q0, seal.slots)
         ct = seal.encrypt([0j] * seal.slots, plan.he_scale)
-        ct.save(seal.file.path)
-        sizes = {"bit-packed": len(seal.save(ct)), "SEAL format": len(seal.file.read())}
+        ct.save(seal.file.path)                  # SEAL's own serialization, as it writes it
+        seal_format = len(seal.file.read())
+        sizes = {"bit-packed": len(seal.save(ct)), "SEAL format": seal_format}
         for fmt, size in sizes.items():
             used = " (used)" if he is pk and fmt == "bit-packed" else ""
             out.append({"option": f"{ring}, {fmt}{used}", "ct_bytes": size,

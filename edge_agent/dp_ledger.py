@@ -17,7 +17,6 @@ device at start with an error naming the file: starting a fresh one would under-
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -43,12 +42,12 @@ class DpLedger:
             doc = json.loads(self.path.read_text())
             if doc.get("version") != 1 or doc.get("device_id") != self.device_id:
                 raise ValueError(f"not a version-1 ledger of {self.device_id!r}")
+            # a ledger exists only where DP-SGD ran: dp-accounting is needed anyway
+            from schemas.dp import check_dpsgd_run
+
             runs: dict[tuple[float, float], int] = {}
             for r in doc["runs"][:MAX_RUNS + 1]:
-                q, z, steps = float(r["q"]), float(r["z"]), r["steps"]
-                if not (0 < q <= 1 and math.isfinite(z) and z > 0 and type(steps) is int
-                        and 0 < steps <= 10**9):
-                    raise ValueError(f"bad run {r!r}")
+                q, z, steps = check_dpsgd_run(r["q"], r["z"], r["steps"])
                 runs[q, z] = runs.get((q, z), 0) + steps
             if len(runs) > MAX_RUNS:
                 raise ValueError(f"more than {MAX_RUNS} runs")

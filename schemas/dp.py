@@ -784,6 +784,18 @@ def dpsgd_epsilon(num_examples: int, batch_size: int, epochs: float, noise_multi
     return _dpsgd_eps(q, steps, min(z, Z_MAX), dl)
 
 
+def check_dpsgd_run(q: Any, z: Any, steps: Any) -> tuple[float, float, int]:
+    """One run of DP-SGD steps, checked: sampling rate ``q`` in ``(0, 1]``, multiplier ``z``
+    finite and ``> 0``, ``steps`` an integer in ``1..10**9``.
+
+    Raises:
+        ValueError: any of them out of range or of the wrong type.
+    """
+    return (_float("q", q, 0.0, 1.0, lo_open=True),
+            _float("noise_multiplier", z, 0.0, math.inf, lo_open=True, hi_open=True),
+            _int("steps", steps, 1, 10**9))
+
+
 def dpsgd_runs_epsilon(runs: list[tuple[float, float, int]], delta: float) -> float:
     """Example-level epsilon of DP-SGD steps of several sampling rates and multipliers: runs of
     ``(q, z, steps)``, each step a Poisson-sampled (rate ``q``) Gaussian with multiplier ``z``,
@@ -791,15 +803,12 @@ def dpsgd_runs_epsilon(runs: list[tuple[float, float, int]], delta: float) -> fl
     across restarts and data sizes. Multipliers as in :func:`dpsgd_epsilon`.
 
     Raises:
-        ValueError: a ``q`` not in ``(0, 1]``, a ``z`` not finite and ``> 0``, ``steps`` not in
-            ``1..10**9``, or ``delta`` not in ``(0, 1)``.
+        ValueError: a run that :func:`check_dpsgd_run` refuses, or ``delta`` not in ``(0, 1)``.
     """
     dl = _prob("delta", delta)
     acc = RdpAccountant()
-    for q, z, steps in runs:
-        q = _float("q", q, 0.0, 1.0, lo_open=True)
-        z = _float("noise_multiplier", z, 0.0, math.inf, lo_open=True, hi_open=True)
-        n = _int("steps", steps, 1, 10**9)
+    for run in runs:
+        q, z, n = check_dpsgd_run(*run)
         if z < Z_MIN:
             return math.inf
         acc.compose(dp_accounting.PoissonSampledDpEvent(
@@ -836,8 +845,9 @@ def dpsgd_noise_multiplier(target_eps: float, delta: float, num_examples: int, b
 
 __all__ = [
     "MAX_ABS_INPUT", "MAX_COUNT", "MAX_NORM", "MAX_SIGMA", "MAX_SIZE", "Z_MAX", "Z_MIN", "NoiseSource",
-    "PrivacyLedger", "RoundRecord", "central_sigma", "conditional_round", "ddg_rho", "ddg_tau",
-    "device_noise", "device_noise_bound", "discrete_gaussian", "dpsgd_epsilon",
-    "dpsgd_noise_multiplier", "dpsgd_runs_epsilon", "effective_noise_multiplier", "noise_tail", "plan_sigma",
-    "redraw_delta", "round_record", "rounded_l2_bound", "sum_sensitivity",
+    "PrivacyLedger", "RoundRecord", "central_sigma", "check_dpsgd_run", "conditional_round",
+    "ddg_rho", "ddg_tau", "device_noise", "device_noise_bound", "discrete_gaussian",
+    "dpsgd_epsilon", "dpsgd_noise_multiplier", "dpsgd_runs_epsilon", "effective_noise_multiplier",
+    "noise_tail", "plan_sigma", "redraw_delta", "round_record", "rounded_l2_bound",
+    "sum_sensitivity",
 ]

@@ -197,6 +197,7 @@ class _Seal:
         self.ct_bytes = packed_ct_bytes(self.poly_degree)
         self._coeffs = 2 * self.poly_degree
         self._prefix: dict[float, bytes] = {}   # scale -> SEAL's bytes before the coefficients
+        self._unzstd = zstandard.ZstdDecompressor()  # SEAL's own compression, on every save
         self.encoder = sealapi.CKKSEncoder(self.context)
         self.encryptor = sealapi.Encryptor(self.context, ctx.public_key().data)
         self.evaluator = sealapi.Evaluator(self.context)
@@ -229,7 +230,7 @@ class _Seal:
             raise RuntimeError("SEAL wrote an unexpected serialization header")
         body = data[_SEAL_HEADER.size:]
         if mode == _COMPR_ZSTD:
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 24)
+            body = self._unzstd.decompress(body, max_output_size=1 << 24)
         elif mode == _COMPR_ZLIB:
             body = zlib.decompress(body)
         elif mode != _COMPR_NONE:

@@ -202,8 +202,7 @@ def plan_ckks(params: CodecParams, num_params: int, q0: int, slots: int) -> Plan
             f"{params.bits}-bit values{' with noise' if params.noisy else ''}, {s} summands: "
             f"a {width}-bit lane needs a CKKS scale "
             f">= {min_scale:.3g} for exact rounding but the 60-bit modulus allows less")
-    reals_per_ct = 2 * slots
-    ct_bytes = packed_ct_bytes(2 * slots)
+    ct_bytes = packed_ct_bytes(reals_per_ct)
     cts_per_chunk = max(1, (params.chunk_bytes - _SLACK) // (_LEN.size + ct_bytes))
     num_reals = 1 + -(-num_params // lanes)
     reals_per_chunk = cts_per_chunk * reals_per_ct
@@ -221,7 +220,6 @@ def ct_l2_bound(params: CodecParams, values_per_ct: int) -> float:
     """
     noise = params.dp_bound * math.sqrt(values_per_ct)  # every noise value is within dp_bound
     return params.clip_l2 / params.scale * (1 + 1e-9) + math.sqrt(values_per_ct) + noise
-
 
 
 def coefficient_bound(params: CodecParams, lanes: int, width: int, reals_per_ct: int) -> float:
